@@ -1,0 +1,290 @@
+"""The reduction step every Vision Transformer patch shares (timm and torchvision).
+
+A patched ViT runs its blocks itself and threads the per-forward token state through them
+explicitly, so nothing about one forward is stored where another forward could see it::
+
+    rs = config.block_r(len(blocks), x.shape[1])     # tokens each block removes, this forward
+    tokens = Tokens(x, size=None, source=None, attn_mask=attn_mask)
+    for blk, r in zip(blocks, rs):
+        tokens = blk(tokens.x, tokens.attn_mask, r=r, size=tokens.size, source=tokens.source)
+
+Inside a block, between attention and MLP (as in ToMe), :func:`merge_step` asks the kernel for
+a plan from the attention keys averaged over heads and applies it to the hidden states, the
+token sizes, the source map and the caller's attention mask.
+
+Only immutable configuration (:class:`ViTReduction`) is stored on modules. The source map of
+the last forward (``trace_source=True``) is kept per thread, see :func:`last_source`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..kernel import LINKAGES, cluster_tokens
+from ..kernel.plan import MergePlan
+from ..schedule import Schedule, make_schedule
+
+VIT_METHODS = ("atc", "tome", "kmedoids", "dpcknn")
+VIT_OPTIONS = (
+    "r",
+    "r_schedule",
+    "keep_rate",
+    "reduction_loc",
+    "linkage",
+    "prop_attn",
+    "trace_source",
+)
+
+_CONFIG_ATTR = "_atc_vit"
+_TRACE_ATTR = "_atc_trace"
+
+
+@dataclass(frozen=True)
+class ViTReduction:
+    """Immutable settings of a patched ViT (safe to share between replicas and threads).
+
+    Attributes:
+        method: kernel method, one of :data:`VIT_METHODS`.
+        linkage: ATC linkage (``None`` for other methods).
+        schedule: how many tokens each block removes.
+        prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+        trace_source: keep the map from output tokens to input tokens of the last forward.
+        protected: leading tokens that never merge (class, distillation, register tokens).
+    """
+
+    method: str
+    linkage: str | None
+    schedule: Schedule
+    prop_attn: bool
+    trace_source: bool
+    protected: int
+
+    def block_r(self, num_blocks: int, num_tokens: int) -> list[int]:
+        """Tokens each of ``num_blocks`` blocks removes when ``num_tokens`` tokens enter block 0.
+
+        Evaluated per forward, so ``keep_rate`` follows the input size (``dynamic_img_size``).
+        """
+        return self.schedule.per_block(num_blocks, max(num_tokens - self.protected, 0))
+
+
+class Tokens(NamedTuple):
+    """Per-forward token state passed from block to block (never stored on a module).
+
+    Attributes:
+        x: ``(B, N, C)`` hidden states.
+        size: ``(B, N, 1)`` input tokens merged into each token; ``None`` before any merge.
+        source: ``(B, N, N0)`` 0/1 map to the ``N0`` tokens that entered the first block;
+            ``None`` before any merge or without ``trace_source``.
+        attn_mask: the caller's attention mask, merged along with the tokens; or ``None``.
+    """
+
+    x: Tensor
+    size: Tensor | None = None
+    source: Tensor | None = None
+    attn_mask: Tensor | None = None
+
+
+def make_reduction(method: str, protected: int, options: dict[str, Any]) -> ViTReduction:
+    """Validate ``apply_patch`` options for a ViT; raise ``TypeError``/``ValueError`` on bad ones."""
+    unknown = sorted(set(options) - set(VIT_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for a ViT patch; valid: {list(VIT_OPTIONS)}")
+    if method not in VIT_METHODS:
+        raise ValueError(f"method must be one of {VIT_METHODS} for a ViT, got {method!r}")
+    linkage = options.get("linkage")
+    if linkage is not None:
+        if method != "atc":
+            raise ValueError(f"linkage applies to method='atc' only, not to {method!r}")
+        if linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    elif method == "atc":
+        linkage = "average"
+    for flag in ("prop_attn", "trace_source"):
+        if not isinstance(options.get(flag, False), bool):
+            raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+    schedule = make_schedule(
+        r=options.get("r"),
+        r_schedule=options.get("r_schedule", "constant"),
+        keep_rate=options.get("keep_rate"),
+        reduction_loc=options.get("reduction_loc"),
+    )
+    return ViTReduction(
+        method=method,
+        linkage=linkage,
+        schedule=schedule,
+        prop_attn=options.get("prop_attn", True),
+        trace_source=options.get("trace_source", False),
+        protected=protected,
+    )
+
+
+def settings_of(config: ViTReduction, options: dict[str, Any]) -> dict[str, Any]:
+    """The settings reported by ``patch_settings``: every option, defaults filled in."""
+    r = options.get("r")
+    loc = options.get("reduction_loc")
+    return {
+        "r": list(r) if isinstance(r, Sequence) else r,
+        "r_schedule": options.get("r_schedule", "constant"),
+        "keep_rate": options.get("keep_rate"),
+        "reduction_loc": None if loc is None else tuple(loc),
+        "linkage": config.linkage,
+        "prop_attn": config.prop_attn,
+        "trace_source": config.trace_source,
+        "protected": config.protected,
+    }
+
+
+# --- attaching configuration to modules -------------------------------------------------------
+
+
+def set_config(module: torch.nn.Module, config: ViTReduction) -> None:
+    """Store the immutable ``config`` on ``module`` (not registered as a submodule/buffer)."""
+    object.__setattr__(module, _CONFIG_ATTR, config)
+
+
+def get_config(module: torch.nn.Module) -> ViTReduction:
+    return vars(module)[_CONFIG_ATTR]
+
+
+def clear_config(module: torch.nn.Module) -> None:
+    for attr in (_CONFIG_ATTR, _TRACE_ATTR):
+        if attr in vars(module):
+            object.__delattr__(module, attr)
+
+
+# --- the reduction step -----------------------------------------------------------------------
+
+
+@torch._dynamo.disable
+def _plan(metric: Tensor, r: int, config: ViTReduction) -> MergePlan:
+    # Clustering is data-dependent control flow: keep it out of torch.compile graphs.
+    return cluster_tokens(
+        metric, r, method=config.method, linkage=config.linkage, protected=config.protected
+    )
+
+
+def merge_step(config: ViTReduction, metric: Tensor, r: int, tokens: Tokens) -> Tokens:
+    """Remove ``r`` tokens from ``tokens`` by merging those ``metric`` finds similar.
+
+    Args:
+        config: the model's reduction settings.
+        metric: ``(B, N, D)`` attention keys averaged over heads.
+        r: tokens to remove (the kernel clamps it to what the method can remove).
+        tokens: the state after attention; ``tokens.x`` is ``(B, N, C)``.
+
+    Returns:
+        The state with ``N - r`` tokens: size-weighted means of each cluster, summed sizes,
+        the merged source map (only with ``trace_source``) and the merged attention mask.
+    """
+    if r <= 0:
+        return tokens
+    plan = _plan(metric, r, config)
+    if plan.is_identity:
+        return tokens
+    source = plan.merge_source(tokens.source) if config.trace_source else None
+    x, size = plan.merge_wavg(tokens.x, tokens.size)
+    mask = None if tokens.attn_mask is None else merge_attn_mask(tokens.attn_mask, plan)
+    return Tokens(x, size, source, mask)
+
+
+def size_bias(size: Tensor | None, enabled: bool) -> Tensor | None:
+    """Proportional attention: ``(B, 1, 1, N)`` bias ``log(size)`` on the keys, or ``None``.
+
+    ``None`` before the first merge (all sizes are 1), which keeps unreduced models exact.
+    """
+    if not enabled or size is None:
+        return None
+    return size.log()[:, None, None, :, 0]
+
+
+def combine_masks(attn_mask: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Any:
+    """Add the proportional-attention ``bias`` to the caller's ``attn_mask``.
+
+    Returns ``attn_mask`` itself when there is no bias (so unreduced models are exact);
+    otherwise an additive float mask of ``dtype`` (a boolean mask becomes ``0 / -inf``).
+    """
+    if bias is None:
+        return attn_mask
+    bias = bias.to(dtype)
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill(~attn_mask, -torch.inf)
+    return attn_mask.to(dtype) + bias
+
+
+def merge_attn_mask(mask: Tensor, plan: MergePlan) -> Tensor:
+    """Carry an attention mask ``(N, N)`` or ``(B|1, H|1, N, N)`` through ``plan``.
+
+    A merged query may attend to a merged key when any of their members could (boolean masks),
+    or with the largest (least negative) of their additive values (float masks). The result is
+    ``(B, H|1, N', N')``.
+    """
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    if mask.dim() != 4 or mask.shape[-1] != plan.num_in or mask.shape[-2] != plan.num_in:
+        raise ValueError(
+            f"attn_mask must be (N, N) or (B, H, N, N) with N={plan.num_in} to follow token "
+            f"merging, got shape {tuple(mask.shape)}"
+        )
+    is_bool = mask.dtype == torch.bool
+    work = mask.float() if is_bool else mask
+    b, n = plan.labels.shape
+    heads = work.shape[1]
+    work = work.expand(b, heads, n, n)
+    # keys: (B, H*N, N) -> (B, N, H*N) -> merge -> (B, N', H*N)
+    cols = plan.merge(work.reshape(b, heads * n, n).transpose(1, 2), mode="amax")
+    m = plan.num_out
+    # queries: (B, N', H, N) -> (B, N, H*N') after moving the query axis to dim 1
+    rows = cols.reshape(b, m, heads, n).permute(0, 3, 2, 1).reshape(b, n, heads * m)
+    out = plan.merge(rows, mode="amax").reshape(b, m, heads, m).permute(0, 2, 1, 3)
+    return out.bool() if is_bool else out.contiguous()
+
+
+# --- the source map of the last forward ---------------------------------------------------------
+
+
+def enable_trace(*modules: torch.nn.Module) -> None:
+    """Give ``modules`` one shared per-thread slot for the last forward's source map."""
+    slot = threading.local()
+    for module in modules:
+        object.__setattr__(module, _TRACE_ATTR, slot)
+
+
+@torch._dynamo.disable
+def store_source(module: torch.nn.Module, tokens: Tokens, num_tokens: int) -> None:
+    """Record the source map of a finished forward in the calling thread's slot.
+
+    ``num_tokens`` is the number of tokens that entered the first block; without any merge
+    the map is the identity ``(B, N0, N0)``.
+    """
+    source = tokens.source
+    if source is None:
+        b = tokens.x.shape[0]
+        source = torch.eye(num_tokens, device=tokens.x.device).expand(b, -1, -1)
+    vars(module)[_TRACE_ATTR].source = source
+
+
+def last_source(model: torch.nn.Module) -> Tensor:
+    """The source map of the last forward this thread ran on ``model`` (``trace_source=True``).
+
+    Returns:
+        ``(B, N_out, N0)`` 0/1 tensor: row ``i`` marks the tokens that entered the first block
+        (prefix tokens first, then patches in raster order) merged into output token ``i``.
+
+    The map is kept per thread: concurrent forwards in other threads never overwrite it, and a
+    forward that runs on a replica (``nn.DataParallel``) stores it on the replica, not here.
+    """
+    slot = vars(model).get(_TRACE_ATTR)
+    if slot is None:
+        raise ValueError("the model was not patched with trace_source=True")
+    source = getattr(slot, "source", None)
+    if source is None:
+        raise ValueError("no forward has run on this model in this thread since patching")
+    return source
