@@ -1,0 +1,221 @@
+"""Token reduction settings and per-forward token bookkeeping for the ViT-Adapter.
+
+Two small pieces, both free of mmcv/mmdet so they read (and test) on their own:
+
+* :class:`Reduction`: validated settings (``method``, ``linkage``, ``reduction_loc``,
+  ``reduction_ratio``, ``proportional_attn``) that turn a block's attention keys into a
+  :class:`~atc_patch.kernel.plan.MergePlan` at the reduction locations. ``reduction_ratio`` is
+  the fraction of the *current* tokens kept at a location (``int(ratio * T)`` clusters, as the
+  ATC reference code), so reductions compound: ``0.7`` at blocks 3, 6, 9 keeps 70 %, 49 % and
+  34.3 % of the grid.
+* :class:`TokenGrid`: the composite plan from the full ``h x w`` patch grid to the current
+  (reduced) tokens, built up during one forward pass. It unmerges tokens to the grid wherever the
+  adapter needs spatial features and merges grid features back onto the current clusters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..kernel import LINKAGES, cluster_tokens
+from ..kernel.plan import MergePlan
+
+METHODS = ("atc", "tome")
+"""Token reduction methods the ViT-Adapter supports (``None`` means no reduction)."""
+
+REDUCTION_KEYS = ("linkage", "reduction_loc", "reduction_ratio", "proportional_attn")
+"""Options besides ``method`` that :func:`make_reduction` and ``apply_patch`` accept."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Where and how the ViT blocks of a ViT-Adapter reduce their tokens.
+
+    Attributes:
+        method: ``"atc"`` (agglomerative clustering) or ``"tome"`` (bipartite soft matching).
+        linkage: ATC linkage (``"single"``, ``"complete"``, ``"average"``); ``None`` for ToMe.
+        reduction_loc: indices of the blocks that reduce (after their attention, before the MLP).
+        reduction_ratio: per location, the fraction of the current tokens that is kept.
+        proportional_attn: add ``log(size)`` to the attention logits of merged tokens (ToMe).
+    """
+
+    method: str
+    linkage: str | None
+    reduction_loc: tuple[int, ...]
+    reduction_ratio: tuple[float, ...]
+    proportional_attn: bool = True
+
+    def keep_ratio(self, block: int) -> float | None:
+        """The keep ratio of ``block``, or ``None`` when the block does not reduce."""
+        if block in self.reduction_loc:
+            return self.reduction_ratio[self.reduction_loc.index(block)]
+        return None
+
+    def num_kept(self, block: int, num_tokens: int) -> int:
+        """Tokens ``block`` asks to keep out of ``num_tokens``: ``max(1, int(ratio * T))``.
+
+        ToMe can remove at most half of the tokens in one step, so it may keep more.
+        """
+        ratio = self.keep_ratio(block)
+        return num_tokens if ratio is None else max(1, int(ratio * num_tokens))
+
+    def plan(self, block: int, metric: Tensor) -> MergePlan | None:
+        """The merge plan of ``block`` for its keys ``metric`` ``(B, T, C)``, or ``None``.
+
+        ``None`` is returned for blocks that do not reduce and for plans that keep every token,
+        so a ratio of 1.0 runs exactly the code path of an unreduced model.
+        """
+        if self.keep_ratio(block) is None:
+            return None
+        num_tokens = metric.shape[1]
+        r = num_tokens - self.num_kept(block, num_tokens)
+        plan = cluster_tokens(metric, r, method=self.method, linkage=self.linkage)
+        return None if plan.is_identity else plan
+
+
+def make_reduction(
+    method: str | None = None,
+    linkage: str | None = None,
+    reduction_loc: Sequence[int] | None = (3, 6, 9),
+    reduction_ratio: float | Sequence[float] | None = None,
+    proportional_attn: bool = True,
+    depth: int = 12,
+) -> Reduction | None:
+    """Validate backbone settings and return a :class:`Reduction` (``None`` for no reduction).
+
+    Args:
+        method: ``None`` (no reduction) or one of :data:`METHODS`.
+        linkage: for ``"atc"`` one of ``LINKAGES`` (default ``"average"``); must be ``None``
+            for ``"tome"``.
+        reduction_loc: increasing, distinct block indices in ``[0, depth)``.
+        reduction_ratio: keep ratio in ``(0, 1]``, one for all locations or one per location.
+        proportional_attn: proportional attention for merged tokens.
+        depth: number of ViT blocks.
+
+    Raises:
+        ValueError: naming the valid choices, for any value that cannot be used, including
+            reduction options given while ``method`` is ``None`` (they would be ignored).
+    """
+    if method is None:
+        if linkage is not None or reduction_ratio is not None:
+            raise ValueError(
+                "linkage/reduction_ratio are set but method is None (no reduction); "
+                f"set method to one of {METHODS}"
+            )
+        return None
+    if method not in METHODS:
+        raise ValueError(f"method must be None or one of {METHODS}, got {method!r}")
+    if method == "atc":
+        linkage = "average" if linkage is None else linkage
+        if linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES} for method='atc', got {linkage!r}")
+    elif linkage is not None:
+        raise ValueError(f"linkage applies to method='atc' only; use linkage=None with {method!r}")
+    locs = _check_locs(reduction_loc, depth)
+    ratios = _check_ratios(reduction_ratio, len(locs))
+    return Reduction(method, linkage, locs, ratios, bool(proportional_attn))
+
+
+def _check_locs(reduction_loc: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    if isinstance(reduction_loc, int) and not isinstance(reduction_loc, bool):
+        reduction_loc = (reduction_loc,)
+    if reduction_loc is None or not isinstance(reduction_loc, Sequence):
+        raise ValueError(f"reduction_loc must be a list of block indices, got {reduction_loc!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in reduction_loc):
+        raise ValueError(f"reduction_loc must hold ints, got {list(reduction_loc)}")
+    locs = tuple(reduction_loc)
+    if list(locs) != sorted(set(locs)) or any(not 0 <= v < depth for v in locs):
+        raise ValueError(
+            f"reduction_loc must be increasing, distinct block indices in [0, {depth}), "
+            f"got {list(locs)}"
+        )
+    return locs
+
+
+def _check_ratios(ratio: float | Sequence[float] | None, num_locs: int) -> tuple[float, ...]:
+    if ratio is None:
+        raise ValueError(
+            "reduction_ratio is required with a method: the fraction of tokens kept at each "
+            "reduction_loc, e.g. 0.7"
+        )
+    values = list(ratio) if isinstance(ratio, Sequence) and not isinstance(ratio, str) else [ratio]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"reduction_ratio must be a float or a list of floats, got {ratio!r}")
+    if len(values) == 1:
+        values = values * num_locs
+    if len(values) != num_locs:
+        raise ValueError(
+            f"reduction_ratio has {len(values)} values for {num_locs} reduction_loc entries; "
+            "give one value or one per location"
+        )
+    if any(not 0.0 < float(v) <= 1.0 for v in values):
+        raise ValueError(f"reduction_ratio values must be in (0, 1], got {values}")
+    return tuple(float(v) for v in values)
+
+
+class TokenGrid:
+    """The current tokens of one forward pass, as clusters of the full patch grid.
+
+    Starts as the identity (every grid cell is its own token). After each reduction the block's
+    plan is composed in, so :attr:`plan` always maps the ``N0 = h * w`` grid cells to the ``T``
+    current tokens. Lives in the forward call only (no state on the module).
+    """
+
+    def __init__(self) -> None:
+        self.plan: MergePlan | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return self.plan is not None
+
+    def compose(self, plan: MergePlan) -> None:
+        """Follow a block's plan ``(B, T)`` -> ``T'`` tokens."""
+        if self.plan is None:
+            self.plan = plan
+        else:
+            labels = plan.labels.gather(1, self.plan.labels)
+            self.plan = MergePlan(labels, plan.num_out)
+
+    def to_grid(self, x: Tensor) -> Tensor:
+        """Unmerge ``(B, T, C)`` tokens to the grid ``(B, N0, C)`` (each cell gets its cluster)."""
+        return x if self.plan is None else self.plan.unmerge(x)
+
+    def from_grid(self, x: Tensor) -> Tensor:
+        """Merge grid features ``(B, N0, C)`` onto the ``(B, T, C)`` tokens (cluster means)."""
+        return x if self.plan is None else self.plan.merge(x, mode="mean")
+
+    def sizes(self) -> Tensor | None:
+        """``(B, T, 1)`` grid cells behind each current token, or ``None`` before any reduction."""
+        return None if self.plan is None else self.plan.sizes().unsqueeze(-1)
+
+    def num_tokens(self, grid_size: int) -> int:
+        return grid_size if self.plan is None else self.plan.num_out
+
+
+def expected_token_counts(reduction: Reduction | None, depth: int, num_patches: int) -> list[int]:
+    """Tokens entering each of ``depth`` blocks for ``num_patches`` grid cells (for tests/docs).
+
+    ToMe's one-step limit (at most half of the tokens) is applied; ATC keeps ``int(ratio * T)``.
+    """
+    counts, t = [], num_patches
+    for block in range(depth):
+        counts.append(t)
+        if reduction is not None and reduction.keep_ratio(block) is not None:
+            r = t - reduction.num_kept(block, t)
+            if reduction.method == "tome":
+                r = min(r, t // 2)
+            t -= r
+    return counts
+
+
+__all__ = [
+    "METHODS",
+    "REDUCTION_KEYS",
+    "Reduction",
+    "TokenGrid",
+    "expected_token_counts",
+    "make_reduction",
+]
