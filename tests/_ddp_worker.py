@@ -36,8 +36,9 @@ def build_model(family: str) -> torch.nn.Module:
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, family: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         import atc_patch
 

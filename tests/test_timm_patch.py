@@ -31,7 +31,12 @@ def make(key: str = "vit", depth: int = 2, img: int = 32, **extra) -> torch.nn.M
     name, kw = MODELS[key]
     torch.manual_seed(0)
     model = timm.create_model(
-        name, pretrained=False, depth=depth, img_size=img, patch_size=8, num_classes=10,
+        name,
+        pretrained=False,
+        depth=depth,
+        img_size=img,
+        patch_size=8,
+        num_classes=10,
         **{**kw, **extra},
     )
     if key == "unfused_attn":
@@ -114,8 +119,9 @@ def test_remove_patch_restores_exactly(key):
 
 def test_settings_read_back():
     model = make()
-    atc_patch.apply_patch(model, method="atc", linkage="single", keep_rate=0.7,
-                          reduction_loc=[0, 1], prop_attn=False)
+    atc_patch.apply_patch(
+        model, method="atc", linkage="single", keep_rate=0.7, reduction_loc=[0, 1], prop_attn=False
+    )
     s = atc_patch.patch_settings(model)
     assert s["method"] == "atc" and s["family"] == "timm" and s["linkage"] == "single"
     assert s["keep_rate"] == 0.7 and s["reduction_loc"] == (0, 1)
@@ -144,10 +150,14 @@ def _counts_from_r(n: int, rs: list[int]) -> list[int]:
     [
         ({"method": "atc", "r": 5}, _counts_from_r(65, [5, 5, 5, 5])),
         ({"method": "atc", "linkage": "single", "r": [0, 10, 0, 20]}, [65, 55, 55, 35]),
-        ({"method": "kmedoids", "r": 4, "r_schedule": "decrease"},
-         _counts_from_r(65, _decrease(4, 4))),
-        ({"method": "dpcknn", "keep_rate": 0.7, "reduction_loc": (1, 3)},
-         [65, 1 + int(64 * 0.7), 1 + int(64 * 0.7), 1 + int(64 * 0.7**2)]),
+        (
+            {"method": "kmedoids", "r": 4, "r_schedule": "decrease"},
+            _counts_from_r(65, _decrease(4, 4)),
+        ),
+        (
+            {"method": "dpcknn", "keep_rate": 0.7, "reduction_loc": (1, 3)},
+            [65, 1 + int(64 * 0.7), 1 + int(64 * 0.7), 1 + int(64 * 0.7**2)],
+        ),
         # ToMe removes at most half of the unprotected tokens per block: (N - 1) // 2.
         ({"method": "tome", "r": 12}, [53, 41, 29, 17]),
     ],
@@ -159,8 +169,9 @@ def test_token_counts_follow_schedule(options, expected):
     assert token_counts(model, images(img=64)) == expected
 
 
-@pytest.mark.parametrize("key, prefix", [("deit_distilled", 2), ("registers", 4),
-                                         ("mae_avg_pool", 0)])
+@pytest.mark.parametrize(
+    "key, prefix", [("deit_distilled", 2), ("registers", 4), ("mae_avg_pool", 0)]
+)
 def test_prefix_tokens_are_kept(key, prefix):
     model = make(key, depth=3, img=64)
     atc_patch.apply_patch(model, method="atc", r=10, trace_source=True)
@@ -190,7 +201,9 @@ def test_dynamic_img_size_schedule_per_forward():
         ("vit", True, False),
         ("deit_distilled", True, True),
         pytest.param(
-            "mae_avg_pool", False, False,
+            "mae_avg_pool",
+            False,
+            False,
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="kernel: without protected tokens ToMe keeps unmerged A tokens in score "
@@ -410,7 +423,11 @@ def test_unsupported_models_raise_type_error():
         atc_patch.apply_patch(torch.nn.Linear(2, 2), method="atc", r=1)
     assert not matches(torch.nn.Linear(2, 2))
     post_norm = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        depth=1,
+        img_size=32,
+        patch_size=8,
         block_fn=timm.models.vision_transformer.ResPostBlock,
     )
     with pytest.raises(TypeError, match="ResPostBlock"):

@@ -57,14 +57,17 @@ def make_visualization(
     k = int(pix_labels.max()) + 1
     flat = pix_labels.ravel()
     counts = np.bincount(flat, minlength=k).astype(np.float64)
-    mean = np.stack(
-        [np.bincount(flat, weights=pixels[..., c].ravel(), minlength=k) for c in range(3)], -1
-    ) / np.maximum(counts, 1.0)[:, None]
+    mean = (
+        np.stack(
+            [np.bincount(flat, weights=pixels[..., c].ravel(), minlength=k) for c in range(3)], -1
+        )
+        / np.maximum(counts, 1.0)[:, None]
+    )
     colors = np.random.default_rng(seed).random((k, 3))
 
     edge = _edges(pix_labels)
     out = np.where(edge[..., None], colors[pix_labels], mean[pix_labels])
-    return Image.fromarray(np.uint8(np.clip(out, 0.0, 1.0) * 255))
+    return Image.fromarray(np.rint(np.clip(out, 0.0, 1.0) * 255).astype(np.uint8))
 
 
 def _patch_labels(

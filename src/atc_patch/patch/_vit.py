@@ -91,7 +91,7 @@ class Tokens(NamedTuple):
 
 
 def make_reduction(method: str, protected: int, options: dict[str, Any]) -> ViTReduction:
-    """Validate ``apply_patch`` options for a ViT; raise ``TypeError``/``ValueError`` on bad ones."""
+    """Validate ``apply_patch`` options for a ViT (``TypeError``/``ValueError`` on bad ones)."""
     unknown = sorted(set(options) - set(VIT_OPTIONS))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for a ViT patch; valid: {list(VIT_OPTIONS)}")

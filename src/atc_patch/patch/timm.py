@@ -196,9 +196,7 @@ class _KeyedAttention:
         return (out, k.mean(1)) if keys else out
 
 
-def _additive_mask(
-    n: int, attn: Tensor, mask: Tensor | None, is_causal: bool
-) -> Tensor | None:
+def _additive_mask(n: int, attn: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor | None:
     """timm's ``resolve_self_attn_mask``: an SDPA-style mask as an additive bias (or ``None``)."""
     if is_causal:
         return attn.new_full((n, n), float("-inf")).triu_(1)

@@ -74,7 +74,9 @@ class _ReducingEncoder:
 
     def forward(self, input: Tensor) -> Tensor:
         """``(B, 1 + N, C)`` class token and patches -> ``(B, 1 + N', C)`` normed tokens."""
-        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        torch._assert(
+            input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}"
+        )
         x = self.dropout(input + self.pos_embedding)
         config = _vit.get_config(self)
         num_tokens = x.shape[1]
@@ -119,7 +121,7 @@ class _ReducingEncoderBlock:
 
 
 def _mha_mask(bias: Tensor | None, num_heads: int, dtype: torch.dtype) -> Tensor | None:
-    """``(B, 1, 1, N)`` key bias -> ``(B * heads, N, N)`` float mask for ``nn.MultiheadAttention``."""
+    """``(B, 1, 1, N)`` key bias -> ``(B * heads, N, N)`` float mask for ``MultiheadAttention``."""
     if bias is None:
         return None
     b, n = bias.shape[0], bias.shape[-1]
