@@ -1,0 +1,412 @@
+"""The diffusers family patch: SD 1.x/XL-layout tiny UNets, random init, CPU, no download."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import atc_patch  # noqa: E402
+from atc_patch.patch.diffusers import transformer_blocks  # noqa: E402
+from atc_patch.sd_models import build_tiny_pipeline, build_unet, unet_inputs  # noqa: E402
+
+METHODS = [("atc", {"linkage": "average"}), ("tome_sd", {}), ("tome", {})]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny UNets gain nothing from intra-op threads; on a shared CPU they lose 10x to them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def unet_of(kind: str = "tiny-sd") -> torch.nn.Module:
+    """A fresh copy of a cached tiny UNet (building one is the slow part)."""
+    if kind not in _CACHE:
+        _CACHE[kind] = build_unet(kind)
+    return copy.deepcopy(_CACHE[kind])
+
+
+def run(unet, inputs):
+    return unet(**inputs).sample
+
+
+class RecordingProcessor(torch.nn.Module):
+    """A custom processor with its own ``cross_attention_kwargs`` argument (``gain``).
+
+    Records how many query tokens it is given and scales the output by ``gain``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner = AttnProcessor2_0()
+        self.tokens: list[int] = []
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+        gain: float = 1.0,
+    ):  # fmt: skip
+        self.tokens.append(hidden_states.shape[1])
+        self.last = hidden_states
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return out * gain
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch, identity, reversibility
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,opts", METHODS)
+def test_patch_changes_output_and_remove_restores_bit_identical(method, opts):
+    unet = unet_of()
+    inputs = unet_inputs(unet, batch=2)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    classes = {n: type(m) for n, m in unet.named_modules()}
+    ref = run(unet, inputs)
+
+    assert atc_patch.apply_patch(unet, method=method, ratio=0.5, **opts) is unet
+    settings = atc_patch.patch_settings(unet)
+    assert settings["family"] == "diffusers" and settings["method"] == method
+    assert settings["num_blocks"] == 3  # tiny-sd: 1 down + 2 up blocks at full resolution
+    out = run(unet, inputs)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, ref)
+    assert unet.state_dict().keys() == state.keys()
+
+    atc_patch.remove_patch(unet)
+    assert atc_patch.patch_settings(unet) is None
+    assert {n: type(m) for n, m in unet.named_modules()} == classes
+    assert not unet._forward_hooks and not unet._forward_pre_hooks
+    assert torch.equal(run(unet, inputs), ref)
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["atc", "tome_sd"])
+def test_ratio_zero_is_bit_identical(method):
+    unet = unet_of()
+    inputs = unet_inputs(unet, batch=2)
+    ref = run(unet, inputs)
+    atc_patch.apply_patch(unet, method=method, ratio=0.0, merge_crossattn=True, merge_mlp=True)
+    assert torch.equal(run(unet, inputs), ref)
+
+
+def test_repatch_and_pipeline_then_unet():
+    unet = unet_of()
+    atc_patch.apply_patch(unet, method="atc", ratio=0.3)
+    atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5)  # re-patch = new settings
+    assert atc_patch.patch_settings(unet)["method"] == "tome_sd"
+    atc_patch.remove_patch(unet)
+    assert not any(type(m).__name__.startswith("ATC") for m in unet.modules())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(ratio=1.0),
+        dict(ratio=-0.1),
+        dict(linkage="ward"),
+        dict(method="tome_sd", linkage="single"),
+        dict(method="nope"),
+        dict(max_downsample=0),
+        dict(merge_attn=False),
+        dict(sx=0),
+    ],
+)
+def test_bad_settings_raise(bad):
+    unet = unet_of()
+    opts = dict(method="atc", ratio=0.5) | bad
+    with pytest.raises(ValueError):
+        atc_patch.apply_patch(unet, **opts)
+    assert atc_patch.patch_settings(unet) is None
+
+
+def test_unknown_option_raises_type_error():
+    with pytest.raises(TypeError):
+        atc_patch.apply_patch(unet_of(), method="atc", r=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with tomesd, randomness
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags",
+    [dict(), dict(merge_crossattn=True, merge_mlp=True, max_downsample=2, sx=2, sy=1)],
+)
+def test_tome_sd_matches_tomesd_package(flags):
+    tomesd = pytest.importorskip("tomesd")
+    ours = unet_of()
+    theirs = copy.deepcopy(ours)
+    inputs = unet_inputs(ours, batch=2, height=16, width=24)  # non-square latents
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    ref = ours(*args).sample
+
+    atc_patch.apply_patch(ours, method="tome_sd", ratio=0.5, use_rand=False, **flags)
+    tomesd.apply_patch(theirs, ratio=0.5, use_rand=False, **flags)
+    # tomesd's size hook reads args[0]: call it positionally.
+    expected = theirs(*args).sample
+    got = ours(*args).sample
+    assert not torch.allclose(expected, ref, atol=1e-3)  # tomesd did merge
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_matches_tomesd_random2d_with_same_generator():
+    """The merge functions on the same tensors, random destinations from equal generators."""
+    merge = pytest.importorskip("tomesd.merge")
+    x = torch.randn(2, 12 * 10, 16, generator=torch.Generator().manual_seed(0))
+    for no_rand in (True, False):
+        m, _ = merge.bipartite_soft_matching_random2d(
+            x, w=10, h=12, sx=2, sy=2, r=50, no_rand=no_rand,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
+        plan = atc_patch.cluster_tokens(
+            x, 50, "tome_sd", h=12, w=10, no_rand=no_rand,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
+        torch.testing.assert_close(plan.merge(x), m(x))
+
+
+def test_use_rand_reproducible_with_seed_and_generator():
+    unet = unet_of()
+    inputs = unet_inputs(unet, batch=2)
+
+    def out(**opts):
+        atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5, use_rand=True, **opts)
+        try:
+            return run(unet, inputs)
+        finally:
+            atc_patch.remove_patch(unet)
+
+    a, b = out(seed=1), out(seed=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, out(seed=2))
+    # the same seed, a different timestep: new destinations for every denoising step
+    atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5, seed=1)
+    other_t = dict(inputs, timestep=torch.tensor(400))
+    c, d = run(unet, other_t), run(unet, other_t)
+    atc_patch.remove_patch(unet)
+    assert torch.equal(c, d)
+    atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5, use_rand=False)
+    assert not torch.equal(run(unet, other_t), c)
+    atc_patch.remove_patch(unet)
+    # a user generator: re-seeding it reproduces the run
+    g = torch.Generator()
+    g.manual_seed(7)
+    e = out(generator=g)
+    g.manual_seed(7)
+    assert torch.equal(e, out(generator=g))
+    # seed=None takes its seed from the global RNG without advancing it
+    torch.manual_seed(3)
+    f = out()
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(1), after)
+    torch.manual_seed(3)
+    assert torch.equal(f, out())
+
+
+# ---------------------------------------------------------------------------------------------
+# what diffusers throws at the block
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["atc", "tome_sd"])
+@pytest.mark.parametrize("batch,h,w", [(3, 12, 20), (1, 15, 17), (2, 9, 16)])
+def test_keyword_call_odd_batches_nonsquare_and_odd_latents(method, batch, h, w):
+    unet = unet_of()
+    inputs = unet_inputs(unet, batch=batch, height=h, width=w)
+    atc_patch.apply_patch(
+        unet, method=method, ratio=0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True
+    )
+    out = run(unet, inputs)  # keyword call
+    assert out.shape == inputs["sample"].shape and torch.isfinite(out).all()
+
+
+def test_cfg_batch_halves_are_independent_for_atc():
+    """ATC clusters each sample on its own: the cond/uncond halves of a CFG batch do not mix."""
+    unet = unet_of()
+    inputs = unet_inputs(unet, batch=2)
+    atc_patch.apply_patch(unet, method="atc", ratio=0.5)
+    both = run(unet, inputs)
+    first = run(unet, {k: v[:1] if k != "timestep" else v for k, v in inputs.items()})
+    torch.testing.assert_close(both[:1], first, atol=1e-5, rtol=1e-4)
+
+
+def test_block_with_every_argument_matches_manual_merge():
+    """A patched block called with every argument diffusers passes (incl. added_cond_kwargs)
+    equals the original block whose self-attention is wrapped in merge/unmerge by hand."""
+    unet = unet_of()
+    block = transformer_blocks(unet)[0][1]
+    original = copy.deepcopy(block)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, block.norm1.normalized_shape[0], generator=g)
+    kwargs = dict(
+        attention_mask=None,
+        encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+        encoder_attention_mask=torch.ones(2, 5),
+        timestep=torch.tensor([10, 10]),
+        cross_attention_kwargs={},
+        class_labels=None,
+        added_cond_kwargs={"text_embeds": torch.randn(2, 8), "time_ids": torch.randn(2, 6)},
+    )
+    atc_patch.apply_patch(unet, method="atc", linkage="complete", ratio=0.5)
+    got = block(x, **kwargs)
+
+    plan = atc_patch.cluster_tokens(x, 32, "atc", linkage="complete")
+    attn_forward = original.attn1.forward
+    original.attn1.forward = lambda hs, *a, **k: plan.unmerge(attn_forward(plan.merge(hs), *a, **k))
+    torch.testing.assert_close(got, original(x, **kwargs))
+
+
+def test_processors_untouched_custom_and_ip_adapter_keep_working():
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.utils import logging as diffusers_logging
+
+    unet = unet_of()
+    procs = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            procs[name] = RecordingProcessor()
+        else:
+            width = 32 if name.startswith(("down_blocks.0", "up_blocks.2")) else 64
+            procs[name] = IPAdapterAttnProcessor2_0(width, cross_attention_dim=32, num_tokens=(4,))
+    unet.set_attn_processor(dict(procs))  # diffusers pops from the dict it is given
+    before = dict(unet.attn_processors)
+    inputs = unet_inputs(unet, batch=2, seq_len=8 + 4)  # 8 text + 4 image tokens
+    inputs["cross_attention_kwargs"] = {"gain": 0.5}  # the IP-Adapter processors ignore it
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = run(unet, inputs)
+        atc_patch.apply_patch(unet, method="atc", ratio=0.5, merge_crossattn=True)
+        for p in procs.values():
+            if isinstance(p, RecordingProcessor):
+                p.tokens.clear()
+        out = run(unet, inputs)
+        assert {k: id(v) for k, v in unet.attn_processors.items()} == {
+            k: id(v) for k, v in before.items()
+        }
+        full = procs["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"]
+        half = procs["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"]
+        assert full.tokens == [128]  # 16x16 latents, ratio 0.5
+        assert half.tokens == [64]  # 8x8, not patched at max_downsample=1
+        assert torch.isfinite(out).all() and not torch.equal(out, ref)
+        atc_patch.remove_patch(unet)
+        assert torch.equal(run(unet, inputs), ref)
+    diffusers_logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL layout
+# ---------------------------------------------------------------------------------------------
+def test_sdxl_default_reduces_where_attention_exists():
+    unet = unet_of("tiny-sdxl")
+    assert min(d for d, _ in transformer_blocks(unet)) == 2  # no attention at full resolution
+    inputs = unet_inputs(unet, batch=2, height=16, width=24)
+    ref = run(unet, inputs)
+    recorder = RecordingProcessor()
+    first = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    unet.set_attn_processor({k: (recorder if k == first else v) for k, v in unet.attn_processors.items()})  # fmt: skip
+    atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5)
+    settings = atc_patch.patch_settings(unet)
+    assert settings["max_downsample"] == 2 and settings["num_blocks"] > 0
+    out = run(unet, inputs)
+    assert recorder.tokens == [8 * 12 - 48]
+    assert not torch.allclose(out, ref, atol=1e-4)
+    atc_patch.remove_patch(unet)
+    with pytest.raises(ValueError, match="selects no transformer block"):
+        atc_patch.apply_patch(unet, method="atc", max_downsample=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelines and concurrency
+# ---------------------------------------------------------------------------------------------
+def test_pipeline_patch_remove_bit_identical():
+    pipe = build_tiny_pipeline()
+
+    def generate():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a cat", num_inference_steps=2, height=64, width=96, generator=g,
+                    output_type="pt").images  # fmt: skip
+
+    ref = generate()
+    atc_patch.apply_patch(pipe, method="atc", linkage="single", ratio=0.5)
+    assert atc_patch.patch_settings(pipe) == atc_patch.patch_settings(pipe.unet)
+    out = generate()
+    assert out.shape == ref.shape and not torch.equal(out, ref)
+    atc_patch.remove_patch(pipe)
+    assert atc_patch.patch_settings(pipe) is None and atc_patch.patch_settings(pipe.unet) is None
+    assert torch.equal(generate(), ref)
+
+
+def test_concurrent_calls_with_different_latent_sizes_do_not_interfere():
+    unet = unet_of()
+    atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5, seed=0, max_downsample=2)
+    jobs = [unet_inputs(unet, batch=2, height=h, width=w, seed=i)
+            for i, (h, w) in enumerate([(16, 16), (16, 24), (24, 8)])]  # fmt: skip
+    expected = [run(unet, j) for j in jobs]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = run(unet, jobs[i % 3])
+                    assert torch.equal(results[i], expected[i % 3])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# ATC at 4096 tokens (512 px): exact, same kernel
+# ---------------------------------------------------------------------------------------------
+def _same_partition(a: torch.Tensor, b) -> bool:
+    pairs = set(zip(a.tolist(), list(b), strict=True))
+    return len(pairs) == len(set(a.tolist())) == len(set(b))
+
+
+@pytest.mark.slow
+def test_atc_at_4096_tokens_is_exact_and_uses_the_kernel():
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import pdist
+
+    unet = unet_of().double()
+    block = transformer_blocks(unet)[0][1]
+    recorder = RecordingProcessor()
+    block.attn1.set_processor(recorder)
+    captured = {}
+    block.attn1.register_forward_pre_hook(lambda m, a: captured.setdefault("q", a[0]))
+    x = torch.randn(1, 4096, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    atc_patch.apply_patch(unet, method="atc", linkage="average", ratio=0.5)
+    block(x, encoder_hidden_states=torch.randn(1, 4, 32, dtype=torch.float64))
+    assert recorder.tokens == [2048]
+
+    plan = atc_patch.cluster_tokens(x, 2048, "atc", linkage="average")
+    z = linkage(pdist(x[0].numpy(), "cosine"), method="average")
+    assert _same_partition(plan.labels[0], cut_tree(z, n_clusters=2048)[:, 0])
+    # the block merged exactly with this plan: attn1's processor got plan.merge(attn1 input)
+    torch.testing.assert_close(recorder.last, plan.merge(captured["q"]))
