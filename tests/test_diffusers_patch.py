@@ -322,7 +322,8 @@ def test_sdxl_default_reduces_where_attention_exists():
     ref = run(unet, inputs)
     recorder = RecordingProcessor()
     first = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
-    unet.set_attn_processor({k: (recorder if k == first else v) for k, v in unet.attn_processors.items()})  # fmt: skip
+    procs = unet.attn_processors
+    unet.set_attn_processor({k: (recorder if k == first else v) for k, v in procs.items()})
     atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5)
     settings = atc_patch.patch_settings(unet)
     assert settings["max_downsample"] == 2 and settings["num_blocks"] > 0
