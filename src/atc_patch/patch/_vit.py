@@ -278,8 +278,11 @@ def last_source(model: torch.nn.Module) -> Tensor:
         ``(B, N_out, N0)`` 0/1 tensor: row ``i`` marks the tokens that entered the first block
         (prefix tokens first, then patches in raster order) merged into output token ``i``.
 
-    The map is kept per thread: concurrent forwards in other threads never overwrite it, and a
-    forward that runs on a replica (``nn.DataParallel``) stores it on the replica, not here.
+    The map is kept in a per-thread slot (a ``threading.local`` created by ``apply_patch``):
+    a forward in another thread never overwrites the map this thread reads. Replicas made by
+    ``nn.DataParallel`` run in worker threads, so their maps stay in those threads' slots; read
+    it from a forward on the model itself. The per-forward state (sizes, merged masks, the map
+    under construction) never leaves the forward call, whatever the threading.
     """
     slot = vars(model).get(_TRACE_ATTR)
     if slot is None:

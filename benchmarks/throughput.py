@@ -1,0 +1,160 @@
+"""Inference throughput of a timm ViT: unpatched vs ToMe vs a kernel method, in one run.
+
+The counterpart of the ATC repository's ``benchmark_merging_method.py``. Batch sizes are given
+as powers of two (``--batch_sizes 0 1 5`` = 1, 2, 32). The configurations are timed round-robin
+(one forward of each in turn), so drift of a shared machine hits them alike; throughput is
+``batch * kept_runs / time`` after throwing out the first ``--throw_out`` fraction of runs.
+
+    python benchmarks/throughput.py --model deit_small_patch16_224 --input_size 224 \\
+        --batch_sizes 5 --runs 40 --keep_rate 0.7 --reduction_loc 3 6 9 \\
+        --method atc --linkage average --output_dir bench_out
+
+Writes ``<output_dir>/throughput_<model>.csv`` and ``.png`` and prints the table with ratios
+to the unpatched model and to ToMe. Models are random-init (no weights are downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import atc_patch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--runs", type=int, default=40, help="timed forwards per configuration")
+    p.add_argument("--throw_out", type=float, default=0.25, help="fraction of runs discarded")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[5], help="powers of two")
+    p.add_argument("--method", default="atc", choices=["atc", "tome", "kmedoids", "dpcknn"])
+    p.add_argument("--linkage", default="average", choices=list(atc_patch.LINKAGES))
+    p.add_argument("--r", type=int, default=None, help="tokens removed per block")
+    p.add_argument("--keep_rate", type=float, default=None)
+    p.add_argument("--reduction_loc", type=int, nargs="+", default=None)
+    p.add_argument("--prop_attn", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--output_dir", default="bench_out")
+    args = p.parse_args(argv)
+    if args.r is None and args.keep_rate is None:
+        args.keep_rate, args.reduction_loc = 0.7, args.reduction_loc or [3, 6, 9]
+    return args
+
+
+def build_configs(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """``{label: model}``: the unpatched model, ToMe and ``--method``, sharing the same weights."""
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False, img_size=args.input_size).eval()
+    schedule = (
+        {"r": args.r}
+        if args.r is not None
+        else {"keep_rate": args.keep_rate, "reduction_loc": args.reduction_loc}
+    )
+    configs = {"unpatched": base}
+    methods = [("tome", {})]
+    if args.method != "tome":
+        linkage = {"linkage": args.linkage} if args.method == "atc" else {}
+        methods.append((args.method, linkage))
+    for method, extra in methods:
+        model = copy.deepcopy(base)
+        atc_patch.apply_patch(model, method=method, prop_attn=args.prop_attn, **schedule, **extra)
+        label = method if not extra else f"{method}({extra['linkage']})"
+        configs[label] = model
+    return configs
+
+
+def final_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Number of tokens leaving the last block for input ``x``."""
+    with torch.inference_mode():
+        return model.forward_features(x[:1]).shape[1]
+
+
+def measure(
+    configs: dict[str, torch.nn.Module], batch: int, args: argparse.Namespace, bar: tqdm
+) -> dict[str, float]:
+    """Images per second of every configuration at one batch size, timed round-robin."""
+    x = torch.randn(batch, 3, args.input_size, args.input_size)
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    with torch.inference_mode():
+        for _ in range(args.runs):
+            for label, model in configs.items():
+                start = time.perf_counter()
+                model(x)
+                times[label].append(time.perf_counter() - start)
+            bar.update(1)
+    skip = int(args.runs * args.throw_out)
+    return {k: batch * len(t[skip:]) / sum(t[skip:]) for k, t in times.items()}
+
+
+def write_outputs(rows: list[dict], out_dir: Path, model_name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"throughput_{model_name}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["batch_size"], r["images_per_s"]) for r in rows if r["config"] == label]
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"{model_name} throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"throughput_{model_name}.png", dpi=120)
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = build_configs(args)
+    probe = torch.randn(1, 3, args.input_size, args.input_size)
+    tokens = {k: final_tokens(m, probe) for k, m in configs.items()}
+    batches = [2**b for b in args.batch_sizes]
+    rows = []
+    with tqdm(total=len(batches) * args.runs, desc="forwards (round-robin)") as bar:
+        for batch in batches:
+            speed = measure(configs, batch, args, bar)
+            for label, ips in speed.items():
+                rows.append(
+                    {
+                        "model": args.model,
+                        "input_size": args.input_size,
+                        "batch_size": batch,
+                        "config": label,
+                        "final_tokens": tokens[label],
+                        "images_per_s": round(ips, 2),
+                        "vs_unpatched": round(ips / speed["unpatched"], 3),
+                        "vs_tome": round(ips / speed["tome"], 3),
+                    }
+                )
+    print(f"\n{'batch':>5} {'config':<16} {'tokens':>6} {'img/s':>9} {'vs unp.':>8} {'vs tome':>8}")
+    for r in rows:
+        print(
+            f"{r['batch_size']:>5} {r['config']:<16} {r['final_tokens']:>6} "
+            f"{r['images_per_s']:>9.2f} {r['vs_unpatched']:>8.3f} {r['vs_tome']:>8.3f}"
+        )
+    write_outputs(rows, Path(args.output_dir), args.model)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
