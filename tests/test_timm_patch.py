@@ -282,6 +282,24 @@ def test_attn_mask_is_honoured():
             model(x, is_causal=True)
 
 
+def test_fused_attention_is_kept(monkeypatch):
+    model = make(depth=2)
+    atc_patch.apply_patch(model, method="atc", r=4, prop_attn=True)
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(images())
+    assert masks[0] is None  # block 0: nothing merged yet
+    assert masks[1].dtype == torch.float32 and masks[1].shape == (2, 1, 1, 13)  # log(size)
+    assert torch.allclose(masks[1].exp().sum(-1), torch.full((2, 1, 1), 17.0))
+
+
 def test_merge_attn_mask_semantics():
     plan = atc_patch.cluster_tokens(torch.randn(2, 6, 4), r=2, method="atc", protected=1)
     mask = torch.rand(2, 3, 6, 6) > 0.5
@@ -346,8 +364,14 @@ def test_gradient_checkpointing_matches():
 def test_ddp_two_processes_identical_params(tmp_path):
     from _ddp_worker import run
 
-    torch.multiprocessing.spawn(
-        run, args=(2, str(tmp_path / "init"), str(tmp_path), "timm"), nprocs=2, join=True
+    # fork: the children reuse the imported torch/timm (each worker uses one intra-op thread,
+    # as DataLoader workers do), which keeps this test to a few seconds.
+    torch.multiprocessing.start_processes(
+        run,
+        args=(2, str(tmp_path / "init"), str(tmp_path), "timm"),
+        nprocs=2,
+        join=True,
+        start_method="fork",
     )
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert p0.keys() == p1.keys()
