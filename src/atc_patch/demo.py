@@ -1,0 +1,349 @@
+"""The main job: how much accuracy each token-reduction method keeps as tokens are removed.
+
+    atc-patch                       # or: python -m atc_patch
+    atc-patch --quick --output_dir /tmp/demo
+
+Runs offline on the small ViT that ships with the package (:mod:`atc_patch.digits`: 8x8 digits,
+one token per pixel) and its held-out test split. For the unpatched model and for every method
+(ATC with single, complete and average linkage, ToMe, K-Medoids, DPC-KNN) at several keep
+rates it measures test accuracy, throughput and the tokens that are left, then writes
+
+* ``results.csv`` and the printed table,
+* ``accuracy_vs_tokens.png``: accuracy against the patch tokens kept after the last reduction,
+* ``clusters.png``: which pixels ATC (each linkage) and ToMe merged, over a few test digits.
+
+Every method runs the same schedule (``keep_rate`` with ``reduction_loc``: after the ``j``-th
+reduction block ``int(64 * keep_rate ** (j + 1))`` patch tokens are left), so "tokens kept" is
+the same for all of them. ToMe removes at most half of the tokens in one step, which is why the
+lowest default keep rate is 0.5. The study functions here are reused by
+``benchmarks/off_the_shelf.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .patch import apply_patch, remove_patch
+
+# (label, method, linkage) of every method the demo compares, in table order.
+METHODS: tuple[tuple[str, str, str | None], ...] = (
+    ("ATC single", "atc", "single"),
+    ("ATC complete", "atc", "complete"),
+    ("ATC average", "atc", "average"),
+    ("ToMe", "tome", None),
+    ("K-Medoids", "kmedoids", None),
+    ("DPC-KNN", "dpcknn", None),
+)
+KEEP_RATES = (0.8, 0.65, 0.5)
+QUICK_KEEP_RATES = (0.65, 0.5)
+REDUCTION_LOC = (1, 2, 3)  # the shipped model has 4 blocks: reduce in each block after the first
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Result:
+    """One row of the study: a method at one schedule (``method="none"``: unpatched)."""
+
+    label: str
+    method: str
+    linkage: str | None
+    schedule: str
+    tokens_in: int
+    tokens_out: int
+    tokens_mean: float
+    correct: int
+    total: int
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.total / self.seconds if self.seconds > 0 else float("nan")
+
+    def row(self) -> dict[str, Any]:
+        """The CSV row: every field plus accuracy and images/s."""
+        return {**asdict(self), "accuracy": self.accuracy, "images_per_s": self.images_per_s}
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _mlp_token_counts(model: nn.Module) -> tuple[list[int], list[Any]]:
+    """Hook every block's MLP to record how many tokens it sees (after that block's merge)."""
+    counts: list[int] = []
+    handles = [
+        blk.mlp.register_forward_pre_hook(lambda _m, args: counts.append(int(args[0].shape[1])))
+        for blk in model.blocks
+    ]
+    return counts, handles
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, label: str = "", schedule: str = "") -> Result:
+    """Accuracy, forward time and token counts of ``model`` over ``batches`` of (x, labels).
+
+    Only the forward passes are timed. Token counts exclude the prefix (class) tokens and are
+    read from the first batch: ``tokens_out`` after the last block, ``tokens_mean`` averaged
+    over the blocks' MLPs (a proxy for the compute that is left).
+    """
+    model.eval()
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    counts, handles = _mlp_token_counts(model)
+    correct = total = 0
+    seconds = 0.0
+    warm = next(iter(batches), None)
+    if warm is not None:  # one small untimed forward: first-call allocations, lazy init
+        model(warm[0][:8])
+    try:
+        for x, y in batches:
+            start = time.perf_counter()
+            logits = model(x)
+            seconds += time.perf_counter() - start
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+            for h in handles:  # token counts of the first batch are enough
+                h.remove()
+    finally:
+        for h in handles:
+            h.remove()
+    per_block = [c - prefix for c in counts[: len(model.blocks)]]
+    tokens_in = int(model.patch_embed.num_patches) if hasattr(model, "patch_embed") else -1
+    from .patch import patch_settings
+
+    settings = patch_settings(model) or {}
+    return Result(
+        label=label or "unpatched",
+        method=settings.get("method", "none"),
+        linkage=settings.get("linkage"),
+        schedule=schedule or "-",
+        tokens_in=tokens_in,
+        tokens_out=per_block[-1] if per_block else tokens_in,
+        tokens_mean=sum(per_block) / max(len(per_block), 1),
+        correct=correct,
+        total=total,
+        seconds=seconds,
+    )
+
+
+def describe_schedule(options: dict[str, Any]) -> str:
+    """A short name for a schedule given as ``apply_patch`` options."""
+    if options.get("keep_rate") is not None:
+        locs = ",".join(str(v) for v in options.get("reduction_loc", ()))
+        return f"keep {options['keep_rate']:g} @ {locs}"
+    r = options.get("r", 0)
+    if isinstance(r, (list, tuple)):
+        return "r=[" + ",".join(str(v) for v in r) + "]"
+    return f"r={r} {options.get('r_schedule', 'constant')}"
+
+
+def run_study(
+    model: nn.Module,
+    batches: Batches,
+    schedules: Sequence[dict[str, Any]],
+    methods: Sequence[tuple[str, str, str | None]] = METHODS,
+    progress: bool = True,
+    prop_attn: bool = True,
+) -> list[Result]:
+    """Evaluate ``model`` unpatched, then patched with every method at every schedule.
+
+    ``schedules`` are ``apply_patch`` options (``{"keep_rate": .7, "reduction_loc": (1, 2)}``
+    or ``{"r": 4, "r_schedule": "decrease"}``). The model is left unpatched afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    jobs: list[tuple[str, str, str | None, dict[str, Any]]] = [("unpatched", "none", None, {})]
+    jobs += [(lab, m, link, s) for s in schedules for lab, m, link in methods]
+    results = []
+    bar = tqdm(jobs, desc="atc_patch demo", unit="run", disable=not progress)
+    for label, method, linkage, options in bar:
+        bar.set_postfix_str(f"{label} {describe_schedule(options) if options else ''}")
+        remove_patch(model)
+        if method != "none":
+            link = {"linkage": linkage} if linkage else {}
+            apply_patch(model, method=method, prop_attn=prop_attn, **link, **options)
+        results.append(
+            evaluate(model, batches, label, describe_schedule(options) if options else "")
+        )
+    remove_patch(model)
+    return results
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """A plain-text table; speed is relative to the first (unpatched) row."""
+    base = results[0].images_per_s if results else float("nan")
+    head = f"{'method':<13} {'schedule':<16} {'tokens':>7} {'mean':>6} {'acc %':>7} {'img/s':>8} {'speed':>6}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r.label:<13} {r.schedule:<16} {r.tokens_out:>7d} {r.tokens_mean:>6.1f} "
+            f"{100 * r.accuracy:>7.2f} {r.images_per_s:>8.0f} {r.images_per_s / base:>5.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(results: Sequence[Result], path: Path) -> None:
+    rows = [r.row() for r in results]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(results: Sequence[Result], path: Path, title: str = "") -> None:
+    """Accuracy (%) against patch tokens kept after the last block, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    base = [r for r in results if r.method == "none"]
+    for label in dict.fromkeys(r.label for r in results if r.method != "none"):
+        rows = sorted((r for r in results if r.label == label), key=lambda r: r.tokens_out)
+        style = "-o" if label.startswith("ATC") else "--s"
+        ax.plot([r.tokens_out for r in rows], [100 * r.accuracy for r in rows], style, label=label)
+    if base:
+        ax.axhline(100 * base[0].accuracy, color="k", lw=0.8, ls=":", label="unpatched")
+    ax.set_xlabel("patch tokens kept after the last block")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "Accuracy vs tokens kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_clusters(
+    model: nn.Module,
+    images: Tensor,
+    path: Path,
+    options: dict[str, Any],
+    methods: Sequence[tuple[str, str, str | None]] = METHODS[:4],
+    scale: int = 32,
+) -> None:
+    """Draw each method's final clusters (``trace_source=True``) over uint8 digits ``images``.
+
+    The 8x8 digits are upscaled ``scale`` times for display; rows are methods, columns digits.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .digits import PIXEL_MAX, normalize
+    from .vis import last_source, make_visualization
+
+    grey = (images[:, 0].float() / PIXEL_MAX * 255).round().to(torch.uint8).numpy()
+    big = [np.repeat(np.kron(g, np.ones((scale, scale), np.uint8))[..., None], 3, -1) for g in grey]
+    rows: list[tuple[str, list[Any]]] = [("input", big)]
+    for label, method, linkage in methods:
+        link = {"linkage": linkage} if linkage else {}
+        apply_patch(model, method=method, trace_source=True, **link, **options)
+        model(normalize(images))
+        source = last_source(model)
+        prefix = int(model.num_prefix_tokens)
+        vis = [
+            make_visualization(b, source[i], patch_size=scale, class_token=prefix)
+            for i, b in enumerate(big)
+        ]
+        rows.append((f"{label}\n{source.shape[1] - prefix} tokens", vis))
+        remove_patch(model)
+    fig, axes = plt.subplots(
+        len(rows), len(big), figsize=(1.6 * len(big), 1.7 * len(rows)), squeeze=False
+    )
+    for r, (name, pics) in enumerate(rows):
+        for c, pic in enumerate(pics):
+            ax = axes[r][c]
+            ax.imshow(pic)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(f"Clusters after the last block ({describe_schedule(options)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="atc-patch",
+        description="Accuracy and throughput of every token-reduction method on the digits ViT "
+        "that ships with atc_patch (offline, about a minute on a CPU).",
+    )
+    p.add_argument("--output_dir", default="outputs/demo", help="where the CSV and PNGs go")
+    p.add_argument("--keep_rate", type=float, nargs="+", default=None, help=f"default {KEEP_RATES}")
+    p.add_argument("--reduction_loc", type=int, nargs="+", default=list(REDUCTION_LOC))
+    p.add_argument("--batch_size", type=int, default=270)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="fewer images and keep rates (tests)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+    """Run the demo; returns the results (also printed and written to ``--output_dir``)."""
+    from .digits import load_model, load_test_split, normalize
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, info = load_model()
+    images, labels = load_test_split()
+    if args.quick:
+        images, labels = images[:96], labels[:96]
+    x = normalize(images)
+    batches = [
+        (x[i : i + args.batch_size], labels[i : i + args.batch_size])
+        for i in range(0, len(x), args.batch_size)
+    ]
+    keep_rates = args.keep_rate or (QUICK_KEEP_RATES if args.quick else KEEP_RATES)
+    loc = tuple(args.reduction_loc)
+    schedules = [{"keep_rate": k, "reduction_loc": loc} for k in keep_rates]
+
+    print(
+        f"digits ViT ({info.config['depth']} blocks, {info.config['embed_dim']}-dim, 64 pixel "
+        f"tokens + class token); {len(labels)} test images; recorded test accuracy "
+        f"{100 * info.test_accuracy:.2f}%"
+    )
+    results = run_study(model, batches, schedules, progress=not args.no_progress)
+    table = format_table(results)
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    write_csv(results, out / "results.csv")
+    plot_accuracy(
+        results, out / "accuracy_vs_tokens.png", title="digits ViT: accuracy vs tokens kept"
+    )
+    vis_options = {"keep_rate": min(keep_rates), "reduction_loc": loc}
+    plot_clusters(model, images[: 4 if args.quick else 8], out / "clusters.png", vis_options)
+    print(f"wrote {out / 'results.csv'}, {out / 'accuracy_vs_tokens.png'}, {out / 'clusters.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
