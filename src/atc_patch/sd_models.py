@@ -1,4 +1,4 @@
-"""Random-init Stable Diffusion parts built in memory (no download): for tests, examples, benchmarks.
+"""Random-init Stable Diffusion parts built in memory (no download), for tests and benchmarks.
 
 * :func:`unet_config` / :func:`build_unet`: a ``UNet2DConditionModel`` in the SD 1.x, SD 2.x or
   SDXL layout, full size (``"sd15"``, ``"sd2"``, ``"sdxl"``) or tiny (``"tiny-sd"``,
