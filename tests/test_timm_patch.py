@@ -436,6 +436,8 @@ def test_bad_options_name_the_valid_choices():
         atc_patch.apply_patch(model, method="atc", ratio=0.5)
     with pytest.raises(ValueError, match="reduction_loc"):
         atc_patch.apply_patch(model, method="atc", keep_rate=0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        atc_patch.apply_patch(model, method="atc", keep_rate=0.5, reduction_loc=(1, 2))
     with pytest.raises(ValueError, match="prop_attn"):
         atc_patch.apply_patch(model, method="atc", prop_attn="yes")
     assert atc_patch.patch_settings(model) is None  # nothing half-applied

@@ -137,4 +137,6 @@ def test_bad_options():
         atc_patch.apply_patch(model, method="tome_sd", r=2)
     with pytest.raises(TypeError, match="valid"):
         atc_patch.apply_patch(model, method="atc", ratio=0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        atc_patch.apply_patch(model, method="atc", keep_rate=0.5, reduction_loc=(1,))
     assert atc_patch.patch_settings(model) is None

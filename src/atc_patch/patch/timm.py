@@ -42,6 +42,8 @@ def apply(model: nn.Module, method: str = "atc", **options: Any) -> None:
     """Patch ``model`` in place; see :func:`atc_patch.apply_patch` for the options."""
     _check_blocks(model)
     config = _vit.make_reduction(method, int(model.num_prefix_tokens), options)
+    # Surface schedule errors (e.g. reduction_loc past the last block) now, not at forward.
+    config.block_r(len(model.blocks), model.patch_embed.num_patches + config.protected)
     swap_class(model, _ReducingVisionTransformer)
     _vit.set_config(model, config)
     for blk in model.blocks:

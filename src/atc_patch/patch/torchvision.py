@@ -47,6 +47,7 @@ def apply(model: nn.Module, method: str = "atc", **options: Any) -> None:
             "torchvision Encoder of EncoderBlock layers"
         )
     config = _vit.make_reduction(method, PROTECTED, options)
+    config.block_r(len(layers), model.encoder.pos_embedding.shape[1])  # schedule errors now
     swap_class(encoder, _ReducingEncoder)
     _vit.set_config(encoder, config)
     for blk in layers:
