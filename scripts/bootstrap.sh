@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install atc_patch with what a target needs. Idempotent: a stamp
+# of the install inputs skips the work when nothing changed.
+#   scripts/bootstrap.sh demo   -> torch, timm (the demo's needs)
+#   scripts/bootstrap.sh test   -> everything, incl. mmcv built once from source (cached)
+set -euo pipefail
+target=${1:-test}
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${ATC_VENV:-$root/.venv}
+cache=${ATC_CACHE:-$HOME/.cache/atc_patch}
+py=$venv/bin/python
+
+stamp_src=$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" "$root/.ci/mmcv_wheel.sh" | sha256sum | cut -c1-16)
+stamp=$venv/.atc-$target-$stamp_src
+if [ -f "$stamp" ]; then exit 0; fi
+
+if [ ! -x "$py" ]; then
+  echo "[bootstrap] creating $venv" >&2
+  python3 -m venv "$venv"
+fi
+pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# torch first, pinned: these wheels lie on this machine's disk (see README, "Install").
+pip install "torch==2.14.1" "torchvision==0.29.1"
+"$py" -c "import torch, torchvision" >/dev/null
+
+if [ "$target" = "test" ]; then
+  wheel=$(bash "$root/.ci/mmcv_wheel.sh" "$py" "$cache/wheels")
+  pip install "$wheel"
+  pip install -e "$root[all,test]"
+else
+  pip install -e "$root[timm,vis]"
+fi
+"$py" -c "import atc_patch" >/dev/null
+rm -f "$venv"/.atc-"$target"-*
+touch "$stamp"
+echo "[bootstrap] $target environment ready in $venv" >&2

@@ -1,0 +1,28 @@
+"""atc_patch: token reduction by Agglomerative Token Clustering, as one-line model patches.
+
+import atc_patch
+atc_patch.apply_patch(model, method="atc", linkage="average", r=16)
+atc_patch.remove_patch(model)
+
+plan = atc_patch.cluster_tokens(metric, r=8, method="atc", linkage="average", protected=1)
+x, size = plan.merge_wavg(x, size)
+"""
+
+from .kernel import LINKAGES, METHODS, cluster_tokens
+from .kernel.plan import MergePlan
+from .patch import apply_patch, patch_settings, remove_patch
+from .schedule import Schedule, make_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LINKAGES",
+    "METHODS",
+    "MergePlan",
+    "Schedule",
+    "apply_patch",
+    "cluster_tokens",
+    "make_schedule",
+    "patch_settings",
+    "remove_patch",
+]

@@ -1,0 +1,78 @@
+"""``apply_patch`` / ``remove_patch``: one entry point, dispatched by model family.
+
+Each family lives in its own module (``timm``, ``torchvision``, ``diffusers``, ``mmdet``) and
+exposes three functions:
+
+* ``matches(model) -> bool``: is this a model the family patches? Must not import the
+  third-party library unless it is already imported (a model of that library can only exist
+  if it is).
+* ``apply(model, method, **options) -> PatchInfo``: patch in place.
+* ``remove(model) -> None``: restore the original classes/forwards exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from ._common import PatchInfo, get_patch_info
+
+FAMILIES = ("timm", "torchvision", "diffusers", "mmdet")
+
+SUPPORTED = (
+    "timm VisionTransformer (and subclasses: DeiT, distilled DeiT, MAE-style, registers), "
+    "torchvision VisionTransformer, diffusers UNet2DConditionModel or a pipeline holding one "
+    "(SD 1.x/2.x/XL), atc_patch.mmdet ViTAdapter"
+)
+
+
+def _family(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _find_family(model: Any) -> ModuleType:
+    for name in FAMILIES:
+        try:
+            fam = _family(name)
+        except ImportError:  # the family's library is not installed: its models cannot exist
+            continue
+        if fam.matches(model):
+            return fam
+    raise TypeError(
+        f"atc_patch cannot patch a {type(model).__module__}.{type(model).__qualname__}; "
+        f"supported: {SUPPORTED}"
+    )
+
+
+def apply_patch(model: Any, method: str = "atc", **options: Any) -> Any:
+    """Patch ``model`` in place for token reduction and return it (the same object).
+
+    ``method`` is a kernel method (``"atc"``, ``"tome"``, ``"tome_sd"``, ``"kmedoids"``,
+    ``"dpcknn"``; each family says which it supports) and ``options`` are the family's settings
+    (``r``, ``linkage``, ``keep_rate`` ... for ViTs; ``ratio`` ... for diffusers). A model that
+    is already patched is un-patched first, so calling this again changes the settings.
+    """
+    fam = _find_family(model)
+    if get_patch_info(model) is not None:
+        remove_patch(model)
+    fam.apply(model, method=method, **options)
+    return model
+
+
+def remove_patch(model: Any) -> Any:
+    """Undo :func:`apply_patch` exactly; a model that is not patched is returned unchanged."""
+    info = get_patch_info(model)
+    if info is None:
+        return model
+    _family(info.family).remove(model)
+    return model
+
+
+def patch_settings(model: Any) -> dict[str, Any] | None:
+    """The settings ``model`` was patched with (a copy), or ``None`` if it is not patched."""
+    info = get_patch_info(model)
+    return None if info is None else dict(info.settings, method=info.method, family=info.family)
+
+
+__all__ = ["apply_patch", "remove_patch", "patch_settings", "PatchInfo"]

@@ -1,0 +1,20 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def same_partition(a, b) -> bool:
+    """True when label vectors ``a`` and ``b`` describe the same partition (names may differ)."""
+    a = np.asarray(a).ravel().tolist()
+    b = np.asarray(b).ravel().tolist()
+    pairs = set(zip(a, b))
+    return len(a) == len(b) and len(pairs) == len(set(a)) == len(set(b))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
