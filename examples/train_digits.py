@@ -79,6 +79,8 @@ def train(args: argparse.Namespace) -> dict[str, str]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te = load_split()
+    if args.train_subset:  # smoke tests only
+        x_tr, y_tr = x_tr[: args.train_subset], y_tr[: args.train_subset]
     model = build_model({**MODEL_CONFIG, "drop_path_rate": args.drop_path})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x_tr) / args.batch_size)
@@ -157,6 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--log_every", type=int, default=5)
+    p.add_argument("--train_subset", type=int, default=0, help="train on the first N (smoke test)")
     p.add_argument("--output_dir", default=str(DATA_DIR))
     return p.parse_args(argv)
 

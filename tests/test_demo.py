@@ -1,0 +1,164 @@
+"""The shipped digits ViT, the demo (``atc-patch`` / ``python -m atc_patch``) and its study."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("safetensors")
+
+import atc_patch  # noqa: E402
+from atc_patch import demo, digits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[torch.nn.Module, digits.ModelInfo, torch.Tensor, torch.Tensor]:
+    model, info = digits.load_model()
+    images, labels = digits.load_test_split()
+    return model, info, images, labels
+
+
+def _load_script(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_files_are_small_safetensors() -> None:
+    for name in (digits.WEIGHTS_FILE, digits.TEST_FILE):
+        path = digits.data_path(name)
+        assert path.is_file(), path
+        assert path.stat().st_size < 5_000_000
+        assert path.read_bytes()[8:9] == b"{"  # safetensors: u64 header length, JSON header
+
+
+def test_shipped_weights_reach_recorded_accuracy(shipped) -> None:
+    model, info, images, labels = shipped
+    assert type(model).__name__ == "VisionTransformer"
+    assert model.patch_embed.num_patches == 64 and model.num_prefix_tokens == 1
+    assert len(labels) == info.test_size == 540
+    assert digits.count_correct(model, images, labels) == info.test_correct
+    assert info.test_accuracy > 0.95
+
+
+@pytest.mark.parametrize("options", [{"r": 0}, {"keep_rate": 1.0, "reduction_loc": (1, 2, 3)}])
+@pytest.mark.parametrize("method", ["atc", "tome"])
+def test_nothing_removed_equals_unpatched(shipped, method, options) -> None:
+    model, info, images, labels = shipped
+    x = digits.normalize(images[:64])
+    with torch.no_grad():
+        ref = model(x)
+        atc_patch.apply_patch(model, method=method, **options)
+        try:
+            out = model(x)
+        finally:
+            atc_patch.remove_patch(model)
+    assert torch.equal(out, ref)
+
+
+def test_patched_accuracy_and_tokens(shipped) -> None:
+    model, _, images, labels = shipped
+    x = digits.normalize(images[:64])
+    batches = [(x, labels[:64])]
+    schedules = [{"keep_rate": 0.5, "reduction_loc": (1, 2, 3)}]
+    methods = [("ATC average", "atc", "average"), ("ToMe", "tome", None)]
+    results = demo.run_study(model, batches, schedules, methods, progress=False)
+    assert [r.label for r in results] == ["unpatched", "ATC average", "ToMe"]
+    assert atc_patch.patch_settings(model) is None  # left unpatched
+    assert results[0].tokens_out == 64 and results[0].tokens_mean == 64
+    for r in results[1:]:
+        assert r.tokens_out == 8  # 64 -> 32 -> 16 -> 8
+        assert r.tokens_mean == pytest.approx((64 + 32 + 16 + 8) / 4)
+        assert r.accuracy > 0.5
+
+
+def test_demo_quick_writes_outputs(tmp_path: Path, capsys) -> None:
+    results = demo.run_demo(["--quick", "--no_progress", "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for name in ("results.csv", "accuracy_vs_tokens.png", "clusters.png", "table.txt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("accuracy_vs_tokens.png", "clusters.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = [m[0] for m in demo.METHODS]
+    assert len(results) == 1 + len(labels) * len(demo.QUICK_KEEP_RATES)
+    for label in labels:
+        assert label in printed
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(results)
+    assert rows[0]["method"] == "none"
+    # every method at one keep rate ends with the same number of tokens
+    for keep in demo.QUICK_KEEP_RATES:
+        tokens = {r.tokens_out for r in results if r.schedule.startswith(f"keep {keep:g} ")}
+        assert tokens == {int(64 * keep**3)}
+
+
+def test_module_and_console_script_entry_points() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "atc_patch", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--quick" in out.stdout and "--output_dir" in out.stdout
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("atc-patch") == "atc_patch.demo:main"
+    with pytest.raises(SystemExit) as exc:  # what the console script runs
+        demo.main(["--help"])
+    assert exc.value.code == 0
+
+
+def test_off_the_shelf_options() -> None:
+    bench = _load_script(ROOT / "benchmarks" / "off_the_shelf.py", "off_the_shelf")
+    args = bench.parse_args(
+        ["--r", "2", "4", "--r_schedule", "decrease", "--method", "atc", "tome"]
+    )
+    assert bench.schedule_list(args) == [
+        {"r": 2, "r_schedule": "decrease"},
+        {"r": 4, "r_schedule": "decrease"},
+    ]
+    assert [m[0] for m in bench.method_list(args.method, args.linkage)] == [
+        "ATC single",
+        "ATC complete",
+        "ATC average",
+        "ToMe",
+    ]
+    args = bench.parse_args(["--keep_rate", "0.7", "--reduction_loc", "1", "3"])
+    assert bench.schedule_list(args) == [{"keep_rate": 0.7, "reduction_loc": (1, 3)}]
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "vit_tiny_patch16_224", "--r", "4"])  # no --data
+
+
+def test_off_the_shelf_runs_on_digits(tmp_path: Path) -> None:
+    bench = _load_script(ROOT / "benchmarks" / "off_the_shelf.py", "off_the_shelf")
+    bench.main(
+        ["--r", "4", "--method", "atc", "tome", "--linkage", "average", "--num_images", "64"]
+        + ["--no_progress", "--output_dir", str(tmp_path)]
+    )
+    with open(tmp_path / "off_the_shelf_digits.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["unpatched", "ATC average", "ToMe"]
+    assert (tmp_path / "off_the_shelf_digits.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_training_script_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    train = _load_script(ROOT / "examples" / "train_digits.py", "train_digits")
+    meta = train.train(
+        train.parse_args(["--epochs", "1", "--train_subset", "64", "--output_dir", str(tmp_path)])
+    )
+    model, info = digits.load_model(tmp_path / digits.WEIGHTS_FILE)
+    images, labels = digits.load_test_split(tmp_path / digits.TEST_FILE)
+    assert info.test_correct == int(meta["test_correct"])
+    assert digits.count_correct(model, images, labels) == info.test_correct
+    shipped_images, shipped_labels = digits.load_test_split()
+    assert torch.equal(images, shipped_images) and torch.equal(labels, shipped_labels)
