@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 import warnings
 
@@ -411,3 +412,37 @@ def test_atc_at_4096_tokens_is_exact_and_uses_the_kernel():
     assert _same_partition(plan.labels[0], cut_tree(z, n_clusters=2048)[:, 0])
     # the block merged exactly with this plan: attn1's processor got plan.merge(attn1 input)
     torch.testing.assert_close(recorder.last, plan.merge(captured["q"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the example and the benchmark run end to end (tiny, offline)
+# ---------------------------------------------------------------------------------------------
+def _load_script(relpath: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sd_generate_example_runs_offline(tmp_path, capsys):
+    example = _load_script("examples/sd_generate.py")
+    example.main(["--merge_fn_str", "atc", "--linkage", "single", "--reduction_ratio", "0.4",
+                  "--steps", "2", "--height", "64", "--width", "96", "--prompt", "a cat",
+                  "--images_per_prompt", "2", "--output_dir", str(tmp_path)])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000.png", "00001.png"]
+    out = capsys.readouterr().out
+    assert "'method': 'atc'" in out and "s per image" in out
+
+
+def test_sd_speed_benchmark_smoke(tmp_path):
+    bench = _load_script("benchmarks/sd_speed.py")
+    bench.main(["--unet", "tiny-sd", "--latent", "8", "--ratios", "0.5", "--warmup", "0",
+                "--methods", "unpatched", "tomesd", "tome_sd", "atc-average",
+                "--out_dir", str(tmp_path)])  # fmt: skip
+    rows = (tmp_path / "sd_speed.csv").read_text().splitlines()
+    assert rows[0].startswith("method,ratio,step_s,peak_mb") and len(rows) == 5
