@@ -111,7 +111,8 @@ def train(args: argparse.Namespace) -> dict[str, str]:
             acc = count_correct(model.eval(), x_te, y_te) / len(y_te)
             elapsed = time.perf_counter() - start
             print(
-                f"epoch {epoch + 1:3d}  loss {loss.item():.3f}  test acc {acc:.4f}  {elapsed:.0f} s"
+                f"epoch {epoch + 1:3d}  loss {loss.item():.3f}  test acc {acc:.4f}  {elapsed:.0f} s",
+                flush=True,
             )
     seconds = time.perf_counter() - start
     model.eval()

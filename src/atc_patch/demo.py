@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .patch import apply_patch, remove_patch
+from .patch import apply_patch, patch_settings, remove_patch
 
 # (label, method, linkage) of every method the demo compares, in table order.
 METHODS: tuple[tuple[str, str, str | None], ...] = (
@@ -101,28 +101,22 @@ def evaluate(model: nn.Module, batches: Batches, label: str = "", schedule: str 
     """
     model.eval()
     prefix = int(getattr(model, "num_prefix_tokens", 0))
-    counts, handles = _mlp_token_counts(model)
-    correct = total = 0
-    seconds = 0.0
     warm = next(iter(batches), None)
     if warm is not None:  # one small untimed forward: first-call allocations, lazy init
         model(warm[0][:8])
-    try:
-        for x, y in batches:
-            start = time.perf_counter()
-            logits = model(x)
-            seconds += time.perf_counter() - start
-            correct += int((logits.argmax(-1) == y).sum())
-            total += len(y)
-            for h in handles:  # token counts of the first batch are enough
-                h.remove()
-    finally:
-        for h in handles:
+    counts, handles = _mlp_token_counts(model)
+    correct = total = 0
+    seconds = 0.0
+    for x, y in batches:
+        start = time.perf_counter()
+        logits = model(x)
+        seconds += time.perf_counter() - start
+        correct += int((logits.argmax(-1) == y).sum())
+        total += len(y)
+        for h in handles:  # the token counts of the first batch are enough
             h.remove()
     per_block = [c - prefix for c in counts[: len(model.blocks)]]
     tokens_in = int(model.patch_embed.num_patches) if hasattr(model, "patch_embed") else -1
-    from .patch import patch_settings
-
     settings = patch_settings(model) or {}
     return Result(
         label=label or "unpatched",
@@ -310,11 +304,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """The ``atc-patch`` command (also ``python -m atc_patch``); see :func:`run_demo`."""
-    run_demo(argv)
-
-
 def run_demo(argv: Sequence[str] | None = None) -> list[Result]:
     """Run the demo; returns the results (also printed and written to ``--output_dir``)."""
     from .digits import load_model, load_test_split, normalize
@@ -355,6 +344,11 @@ def run_demo(argv: Sequence[str] | None = None) -> list[Result]:
     plot_clusters(model, images[: 3 if args.quick else 8], out / "clusters.png", vis_options)
     print(f"wrote {out / 'results.csv'}, {out / 'accuracy_vs_tokens.png'}, {out / 'clusters.png'}")
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``atc-patch`` command (also ``python -m atc_patch``); see :func:`run_demo`."""
+    run_demo(argv)
 
 
 if __name__ == "__main__":
