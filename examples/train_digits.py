@@ -110,10 +110,8 @@ def train(args: argparse.Namespace) -> dict[str, str]:
         if (epoch + 1) % args.log_every == 0 or epoch + 1 == args.epochs:
             acc = count_correct(model.eval(), x_te, y_te) / len(y_te)
             elapsed = time.perf_counter() - start
-            print(
-                f"epoch {epoch + 1:3d}  loss {loss.item():.3f}  test acc {acc:.4f}  {elapsed:.0f} s",
-                flush=True,
-            )
+            msg = f"epoch {epoch + 1:3d}  loss {loss.item():.3f}  test acc {acc:.4f}"
+            print(f"{msg}  {elapsed:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     model.eval()
     correct = count_correct(model, x_te, y_te)
