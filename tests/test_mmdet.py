@@ -27,15 +27,32 @@ from atc_patch.mmdet import CONFIGS, ViTAdapter, config_path  # noqa: E402
 register_all_modules(init_default_scope=True)
 
 ROOT = Path(__file__).resolve().parents[1]
+# ViT-Adapter-T (init_values > 0 so the injectors contribute).
 T_ARGS = dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, init_values=0.5)
+# A narrow, 4-block ViT-Adapter for the tests that do not need the paper's sizes.
+TINY_ARGS = dict(
+    embed_dim=64,
+    depth=4,
+    num_heads=2,
+    deform_num_heads=2,
+    conv_inplane=16,
+    init_values=0.5,
+    interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+)
 
 
-def _backbone(**kwargs) -> ViTAdapter:
+def _backbone(args: dict = T_ARGS, **kwargs) -> ViTAdapter:
     torch.manual_seed(0)
-    return MODELS.build(dict(type="ViTAdapter", **T_ARGS, **kwargs)).eval()
+    return MODELS.build(dict(type="ViTAdapter", **args, **kwargs)).eval()
 
 
-def _image(size: int = 128, batch: int = 2) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def vit_t() -> ViTAdapter:
+    """One ViT-Adapter-T built through the registry, shared (tests reset its reduction)."""
+    return _backbone()
+
+
+def _image(size: int = 64, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
@@ -107,77 +124,96 @@ def test_backbone_builds_from_packaged_config_through_registry():
     assert reduced.reduction_loc == [3, 6, 9]
 
 
-def test_outputs_are_fpn_ready_maps():
-    m = _backbone()
+def test_outputs_are_fpn_ready_maps(vit_t):
     with torch.no_grad():
-        outs = m(_image(128))
+        outs = vit_t(_image(128, batch=2))
     assert [tuple(o.shape) for o in outs] == [(2, 192, 128 // s, 128 // s) for s in (4, 8, 16, 32)]
     with pytest.raises(ValueError, match="divisible by 32"):
-        m(_image(80))
+        vit_t(_image(80))
 
 
 def test_no_reduction_equals_plain_run():
-    m = _backbone()
-    img = _image(128)
+    m = _backbone(TINY_ARGS)
+    img = _image(64, batch=2)
     with torch.no_grad():
         plain = _plain_forward(m, img)
         runs = {"built without reduction": m(img)}
-        m.configure_reduction("atc", reduction_ratio=1.0)
+        m.configure_reduction("atc", reduction_loc=[1, 2], reduction_ratio=1.0)
         runs["atc, ratio 1.0"] = m(img)
         m.configure_reduction("tome", reduction_loc=[], reduction_ratio=0.5)
         runs["tome, no locations"] = m(img)
         m.configure_reduction(None)
         atc_patch.apply_patch(m, method="atc", linkage="single", reduction_ratio=0.5)
-        assert m(img)[2].shape == plain[2].shape
+        reduced = m(img)
         atc_patch.remove_patch(m)
         runs["patched then removed"] = m(img)
     for name, outs in runs.items():
         assert all(torch.equal(a, b) for a, b in zip(outs, plain)), name
+    assert not torch.allclose(reduced[2], plain[2])  # the check above can tell them apart
 
 
 @pytest.mark.parametrize(
     "method, linkage, ratio, expected",
     [
-        # 128 px -> 8 x 8 = 64 tokens; blocks 3, 6, 9 keep int(ratio * T) of their T tokens.
-        ("atc", "average", 0.7, [64] * 4 + [44] * 3 + [30] * 3 + [21] * 2),
-        ("atc", "single", 0.25, [64] * 4 + [16] * 3 + [4] * 3 + [1] * 2),
+        # 64 px -> 4 x 4 = 16 tokens; blocks 3, 6, 9 keep int(ratio * T) of their T tokens.
+        ("atc", "average", 0.7, [16] * 4 + [11] * 3 + [7] * 3 + [4] * 2),
+        ("atc", "single", 0.25, [16] * 4 + [4] * 3 + [1] * 3 + [1] * 2),
         # ToMe removes at most half of the tokens per step.
-        ("tome", None, 0.25, [64] * 4 + [32] * 3 + [16] * 3 + [8] * 2),
+        ("tome", None, 0.25, [16] * 4 + [8] * 3 + [4] * 3 + [2] * 2),
     ],
 )
-def test_reduction_token_counts_follow_settings(method, linkage, ratio, expected):
-    m = _backbone(method=method, linkage=linkage, reduction_loc=[3, 6, 9], reduction_ratio=ratio)
-    blocks, spatial, handles = _record_tokens(m)
+def test_reduction_token_counts_follow_settings(vit_t, method, linkage, ratio, expected):
+    img = _image(64, batch=2)
     with torch.no_grad():
-        outs = m(_image(128))
-    for h in handles:
-        h.remove()
+        ref = vit_t(img)
+        vit_t.configure_reduction(method, linkage, [3, 6, 9], ratio)
+        blocks, spatial, handles = _record_tokens(vit_t)
+        try:
+            outs = vit_t(img)
+        finally:
+            for h in handles:
+                h.remove()
+            vit_t.configure_reduction(None)
     assert blocks == expected
-    # Injectors and extractors always see the full 8 x 8 grid (unmerged tokens).
-    assert spatial == [64] * (2 * 4 + 2)
-    assert [tuple(o.shape) for o in outs] == [(2, 192, 128 // s, 128 // s) for s in (4, 8, 16, 32)]
-    plain = _backbone()
-    with torch.no_grad():
-        ref = plain(_image(128))
+    # Injectors and extractors always see the full 4 x 4 grid (unmerged tokens).
+    assert spatial == [16] * (2 * 4 + 2)
+    assert [o.shape for o in outs] == [o.shape for o in ref]
     assert not torch.allclose(outs[2], ref[2])  # the reduction changed the features
 
 
+def test_reduction_token_counts_at_128px(vit_t):
+    vit_t.configure_reduction("atc", "complete", [3, 6, 9], [0.7, 0.5, 0.5])
+    blocks, _, handles = _record_tokens(vit_t)
+    try:
+        with torch.no_grad():
+            vit_t(_image(128))
+    finally:
+        for h in handles:
+            h.remove()
+        vit_t.configure_reduction(None)
+    assert blocks == [64] * 4 + [44] * 3 + [22] * 3 + [11] * 2
+
+
 def test_apply_patch_on_backbone_and_detector():
-    m = _backbone()
-    atc_patch.apply_patch(m, method="atc", linkage="complete", reduction_ratio=[0.5, 0.5, 0.5])
-    assert m.reduction.linkage == "complete" and m.reduction.reduction_ratio == (0.5, 0.5, 0.5)
+    m = _backbone(TINY_ARGS)
+    atc_patch.apply_patch(
+        m, method="atc", linkage="complete", reduction_ratio=[0.5, 0.5], reduction_loc=[1, 3]
+    )
+    assert m.reduction.linkage == "complete" and m.reduction.reduction_ratio == (0.5, 0.5)
     assert atc_patch.patch_settings(m)["family"] == "mmdet"
     blocks, _, handles = _record_tokens(m)
     with torch.no_grad():
-        m(_image(64, batch=1))
-    assert blocks == [16] * 4 + [8] * 3 + [4] * 3 + [2] * 2
+        m(_image(64))
+    assert blocks == [16, 16, 8, 8]
     atc_patch.remove_patch(m)
     assert m.reduction is None and atc_patch.patch_settings(m) is None
 
     class Detector(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = _backbone(method="tome", reduction_ratio=0.9)
+            self.backbone = _backbone(
+                TINY_ARGS, method="tome", reduction_loc=[2], reduction_ratio=0.9
+            )
 
     det = Detector()
     atc_patch.apply_patch(det, method="atc", reduction_ratio=0.5, reduction_loc=[0])
@@ -187,7 +223,8 @@ def test_apply_patch_on_backbone_and_detector():
     for bad, match in [
         (dict(method="atc", reduction_ratio=0.5, keep_rate=0.5), "valid"),
         (dict(method="kmedoids", reduction_ratio=0.5), "'atc', 'tome'"),
-        (dict(method="atc"), "reduction_ratio is required"),
+        (dict(method="atc", reduction_loc=[1]), "reduction_ratio is required"),
+        (dict(method="atc", reduction_ratio=0.5), r"in \[0, 4\)"),  # default [3, 6, 9]
     ]:
         with pytest.raises(ValueError, match=match):
             atc_patch.apply_patch(m, **bad)
@@ -263,6 +300,19 @@ def test_cfg_options_change_linkage_and_ratio(tmp_path):
 
 # ------------------------------------------------------------------------ Mask R-CNN on CPU
 
+# Fewer proposals and RoIs than the COCO settings: the same code paths at a fraction of the cost.
+SMALL_HEADS = {
+    "model.backbone.norm_cfg": dict(type="BN"),
+    "model.roi_head.bbox_head.num_classes": 2,
+    "model.roi_head.mask_head.num_classes": 2,
+    "model.train_cfg.rpn_proposal.nms_pre": 200,
+    "model.train_cfg.rpn_proposal.max_per_img": 50,
+    "model.train_cfg.rcnn.sampler.num": 32,
+    "model.test_cfg.rpn.nms_pre": 200,
+    "model.test_cfg.rpn.max_per_img": 50,
+    "model.test_cfg.rcnn.max_per_img": 10,
+}
+
 
 def _write_coco(root: Path, sizes=((96, 128), (128, 96), (128, 128))) -> Path:
     """A tiny COCO instance set: random images, 2 classes, boxes with polygon masks."""
@@ -322,13 +372,7 @@ def test_mask_rcnn_with_reduced_backbone_trains_and_predicts(tmp_path):
     ann_file = _write_coco(tmp_path)
     cfg = Config.fromfile(config_path("tomeatc-adapter-t-0.5x-ftune"))
     cfg.merge_from_dict(
-        {
-            "model.backbone.norm_cfg": dict(type="BN"),
-            "model.backbone.linkage": "single",
-            "model.backbone.reduction_ratio": 0.5,
-            "model.roi_head.bbox_head.num_classes": 2,
-            "model.roi_head.mask_head.num_classes": 2,
-        }
+        {**SMALL_HEADS, "model.backbone.linkage": "single", "model.backbone.reduction_ratio": 0.5}
     )
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
@@ -338,7 +382,7 @@ def test_mask_rcnn_with_reduced_backbone_trains_and_predicts(tmp_path):
     model.train()
     train_set = _dataset(ann_file, test_mode=False)
     batch = model.data_preprocessor(pseudo_collate([train_set[0], train_set[1]]), training=True)
-    losses = model.loss(**batch)
+    losses = model(**batch, mode="loss")
     loss, log_vars = model.parse_losses(losses)
     assert torch.isfinite(loss) and {"loss_rpn_cls", "loss_cls", "loss_mask"} <= set(log_vars)
     loss.backward()
@@ -354,3 +398,66 @@ def test_mask_rcnn_with_reduced_backbone_trains_and_predicts(tmp_path):
     pred = results[0].pred_instances
     assert len(pred.bboxes) == len(pred.scores) == len(pred.labels) == len(pred.masks)
     assert pred.masks.shape[1:] == (128, 128)  # masks at the original image size
+
+
+RUNNER_CONFIG = """
+_base_ = [{base!r}]
+train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="Resize", scale=(128, 128), keep_ratio=True),
+    dict(type="PackDetInputs"),
+]
+train_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    batch_sampler=None,
+    dataset=dict(
+        data_root={root!r},
+        ann_file="instances.json",
+        data_prefix=dict(img="images/"),
+        metainfo=dict(classes=("a", "b")),
+        pipeline=train_pipeline,
+    ),
+)
+val_dataloader = None
+val_evaluator = None
+val_cfg = None
+test_dataloader = None
+test_evaluator = None
+test_cfg = None
+train_cfg = dict(_delete_=True, type="IterBasedTrainLoop", max_iters=1)
+param_scheduler = []
+default_hooks = dict(
+    checkpoint=dict(type="CheckpointHook", interval=100, save_last=False),
+    logger=dict(type="LoggerHook", interval=1),
+    visualization=dict(type="DetVisualizationHook", draw=False),
+)
+log_processor = dict(by_epoch=False)
+"""
+
+
+def test_train_entry_point_runs_one_iteration_with_cfg_options(tmp_path):
+    ann_file = _write_coco(tmp_path / "data")
+    config = tmp_path / "tiny.py"
+    base = config_path("tomeatc-adapter-t-0.5x-ftune")
+    config.write_text(RUNNER_CONFIG.format(base=base, root=str(ann_file.parent)))
+    small = [f"{k}={v}" for k, v in SMALL_HEADS.items() if "norm_cfg" not in k]
+    runner = _train_script().main(
+        [
+            str(config),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--cfg-options",
+            "model.backbone.linkage=complete",
+            "model.backbone.reduction_ratio=0.5",
+            "model.backbone.norm_cfg.type=BN",
+            *small,
+        ]
+    )
+    backbone = runner.model.backbone
+    assert (backbone.linkage, backbone.reduction_ratio) == ("complete", 0.5)
+    assert runner.iter == 1
+    assert np.isfinite(runner.message_hub.get_scalar("train/loss").current())

@@ -52,7 +52,8 @@ def apply(model: Any, method: str = "atc", **options: Any) -> PatchInfo:
     settings = dict(reduction_loc=[3, 6, 9], proportional_attn=True) | options
     backbone.configure_reduction(method=method, **settings)  # validates (ValueError)
     object.__setattr__(model, _ORIG_ATTR, original)
-    info = PatchInfo(FAMILY, method, dict(settings))
+    applied = {k: v for k, v in backbone.reduction_settings().items() if k != "method"}
+    info = PatchInfo(FAMILY, method, applied)
     set_patch_info(model, info)
     return info
 
