@@ -317,7 +317,7 @@ def run_demo(argv: Sequence[str] | None = None) -> list[Result]:
     model, info = load_model()
     images, labels = load_test_split()
     if args.quick:
-        images, labels = images[:64], labels[:64]
+        images, labels = images[:48], labels[:48]
     x = normalize(images)
     batches = [
         (x[i : i + args.batch_size], labels[i : i + args.batch_size])
