@@ -73,7 +73,7 @@ def test_patched_accuracy_and_tokens(shipped) -> None:
     batches = [(x[:16], labels[:16]), (x[16:], labels[16:32])]
     schedules = [{"keep_rate": 0.5, "reduction_loc": (1, 2, 3)}]
     methods = [("ATC average", "atc", "average")]
-    results = demo.run_study(model, batches, schedules, methods, progress=False)
+    results = demo.run_study(model, batches, schedules, methods, progress=False, repeats=2)
     assert [r.label for r in results] == ["unpatched", "ATC average"]
     assert [r.total for r in results] == [32, 32]
     assert atc_patch.patch_settings(model) is None  # left unpatched
