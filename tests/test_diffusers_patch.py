@@ -248,18 +248,22 @@ def test_cfg_batch_halves_are_independent_for_atc():
     torch.testing.assert_close(both[:1], first, atol=1e-5, rtol=1e-4)
 
 
-def test_block_with_every_argument_matches_manual_merge():
-    """A patched block called with every argument diffusers passes (incl. added_cond_kwargs)
-    equals the original block whose self-attention is wrapped in merge/unmerge by hand."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_with_every_argument_matches_manual_merge(masked):
+    """A patched block called with every argument diffusers passes (incl. added_cond_kwargs and
+    a self-attention key mask) equals the original block whose self-attention is wrapped in
+    merge/unmerge by hand (the key bias merged by max: a cluster is as visible as its most
+    visible token)."""
     unet = unet_of()
     block = transformer_blocks(unet)[0][1]
     original = copy.deepcopy(block)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, block.norm1.normalized_shape[0], generator=g)
+    hidden = (torch.rand(2, 1, 64, generator=g) < 0.3).float() * -10000.0
     kwargs = dict(
-        attention_mask=None,
+        attention_mask=hidden if masked else None,
         encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-        encoder_attention_mask=torch.ones(2, 5),
+        encoder_attention_mask=torch.zeros(2, 1, 5),
         timestep=torch.tensor([10, 10]),
         cross_attention_kwargs={},
         class_labels=None,
@@ -270,8 +274,18 @@ def test_block_with_every_argument_matches_manual_merge():
 
     plan = atc_patch.cluster_tokens(x, 32, "atc", linkage="complete")
     attn_forward = original.attn1.forward
-    original.attn1.forward = lambda hs, *a, **k: plan.unmerge(attn_forward(plan.merge(hs), *a, **k))
-    torch.testing.assert_close(got, original(x, **kwargs))
+
+    def by_hand(hs, *a, **k):
+        if k.get("attention_mask") is not None:
+            merged = plan.merge(k["attention_mask"].transpose(1, 2), mode="amax")
+            k = dict(k, attention_mask=merged.transpose(1, 2))
+        return plan.unmerge(attn_forward(plan.merge(hs), *a, **k))
+
+    original.attn1.forward = by_hand
+    expected = original(x, **kwargs)
+    torch.testing.assert_close(got, expected)
+    if masked:  # the mask matters
+        assert not torch.allclose(expected, original(x, **dict(kwargs, attention_mask=None)))
 
 
 def test_processors_untouched_custom_and_ip_adapter_keep_working():
@@ -354,6 +368,10 @@ def test_pipeline_patch_remove_bit_identical():
     assert out.shape == ref.shape and not torch.equal(out, ref)
     atc_patch.remove_patch(pipe)
     assert atc_patch.patch_settings(pipe) is None and atc_patch.patch_settings(pipe.unet) is None
+    assert torch.equal(generate(), ref)
+    atc_patch.apply_patch(pipe, method="tome_sd", ratio=0.5)
+    atc_patch.remove_patch(pipe.unet)  # through the UNet: the pipeline's record goes too
+    assert atc_patch.patch_settings(pipe) is None
     assert torch.equal(generate(), ref)
 
 

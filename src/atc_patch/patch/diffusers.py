@@ -38,6 +38,7 @@ import contextvars
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
 
 _CFG_ATTR = "_atc_diffusers_cfg"  # on a patched BasicTransformerBlock: its _BlockConfig
 _HOOKS_ATTR = "_atc_diffusers_hooks"  # on a patched UNet: the latent-size hook handles
+_OWNER_ATTR = "_atc_diffusers_owner"  # on a patched UNet: weakref to the pipeline patched
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +168,12 @@ class _TokenMergeBlock:
 class _MergeAround:
     """Mixin for ``attn1`` / ``attn2`` / ``ff``: merge the input ``(B, N, C)`` to
     ``(B, N - r, C)``, run the module (its processor untouched), unmerge the output to
-    ``(B, N, C)``. Outside its block's merge (or with an unexpected shape) it is a no-op."""
+    ``(B, N, C)``. Outside its block's merge (or with an unexpected shape) it is a no-op.
+
+    In self-attention the keys are the merged tokens too, so a key mask ``attention_mask``
+    ``(B, 1, N)`` or ``(B, N)`` (a bias, as diffusers passes it) is merged with them: a merged
+    key is as visible as its most visible token (``amax`` of the bias).
+    """
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         active = _ACTIVE.get()
@@ -177,8 +184,28 @@ class _MergeAround:
             or hidden_states.shape[:2] != active.plan.labels.shape
         ):
             return super().forward(hidden_states, *args, **kwargs)
-        out = super().forward(active.plan.merge(hidden_states), *args, **kwargs)
-        return active.plan.unmerge(out)
+        plan = active.plan
+        mask = kwargs.get("attention_mask")
+        if mask is not None and kwargs.get("encoder_hidden_states") is None and not args:
+            kwargs = dict(kwargs, attention_mask=_merge_key_mask(plan, mask))
+        out = super().forward(plan.merge(hidden_states), *args, **kwargs)
+        return plan.unmerge(out)
+
+
+def _merge_key_mask(plan: MergePlan, mask: Tensor) -> Tensor:
+    """Merge a self-attention key bias ``(B|1, 1, N)`` / ``(B|1, N)`` over the plan's clusters."""
+    if (
+        mask.shape[-1] != plan.num_in
+        or mask.dim() not in (2, 3)
+        or mask.numel() != mask.shape[0] * plan.num_in
+    ):
+        raise ValueError(
+            f"token merging supports a self-attention key mask of shape (B, 1, N) or (B, N) "
+            f"with N = {plan.num_in}, got {tuple(mask.shape)}"
+        )
+    bias = mask.reshape(mask.shape[0], plan.num_in, 1).expand(plan.labels.shape[0], -1, -1)
+    merged = plan.merge(bias, mode="amax")  # (B, N - r, 1)
+    return merged.reshape(merged.shape[0], *([1] if mask.dim() == 3 else []), plan.num_out)
 
 
 def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
@@ -354,6 +381,7 @@ def apply(
     set_patch_info(unet, info)
     if model is not unet:
         set_patch_info(model, info)
+        object.__setattr__(unet, _OWNER_ATTR, weakref.ref(model))
     return info
 
 
@@ -367,6 +395,9 @@ def remove(model: Any) -> None:
                 object.__delattr__(module, _CFG_ATTR)
         for handle in vars(unet).pop(_HOOKS_ATTR, ()):
             handle.remove()
+        owner = vars(unet).pop(_OWNER_ATTR, None)
+        if owner is not None and owner() is not None:  # remove_patch(pipe.unet) after
+            clear_patch_info(owner())  # apply_patch(pipe): the pipeline is unpatched too
         clear_patch_info(unet)
     clear_patch_info(model)
 
