@@ -18,7 +18,7 @@ from torch import Tensor
 from .atc import LINKAGES, agglomerative_labels
 from .bipartite import bipartite_plan, bipartite_random2d_plan
 from .centers import dpcknn_labels, kmedoids_labels
-from .distance import cosine_distance
+from .distance import cosine_distance, negative_cosine
 from .plan import MergePlan
 
 METHODS = ("atc", "tome", "tome_sd", "kmedoids", "dpcknn")
@@ -86,13 +86,13 @@ def cluster_tokens(
     if method == "tome":
         return bipartite_plan(metric, r, protected)
     with torch.no_grad():
-        dist = cosine_distance(metric[:, protected:])
+        free = metric[:, protected:]
         if method == "atc":
-            labels = agglomerative_labels(dist, r, linkage or "average")
+            labels = agglomerative_labels(negative_cosine(free), r, linkage or "average")
         elif method == "kmedoids":
-            labels = kmedoids_labels(dist, n - protected - r, iters)
+            labels = kmedoids_labels(cosine_distance(free), n - protected - r, iters)
         else:
-            labels = dpcknn_labels(dist, n - protected - r, k)
+            labels = dpcknn_labels(cosine_distance(free), n - protected - r, k)
     return _with_protected(labels, protected, n - r)
 
 

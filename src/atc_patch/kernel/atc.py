@@ -8,16 +8,22 @@ neighbour, merging them never makes another pair closer than they were. Hence
 * the smallest distance among the remaining clusters never decreases, so no future merge can
   be lower than it.
 
-:func:`agglomerative_labels` therefore runs RNN rounds on the whole batch at once until, for
-every sample, at least ``r`` merges are recorded and the ``r``-th lowest recorded merge is no
-higher than the smallest remaining distance. The ``r`` lowest merges are then exactly the first
-``r`` merges of the sequential dendrogram (for distances without ties), and they form a
-downward-closed set, so cutting there gives the partition that ``scipy.cluster.hierarchy``'s
-``linkage`` + ``cut_tree(n_clusters=M - r)`` gives.
+:func:`agglomerative_labels` therefore runs rounds on the whole batch at once until, for every
+sample, at least ``r`` merges are recorded and the ``r``-th lowest recorded merge is no higher
+than the smallest remaining distance. The ``r`` lowest merges are then exactly the first ``r``
+merges of the sequential dendrogram (for distances without ties); they form a downward-closed
+set, so cutting there gives the partition of ``scipy.cluster.hierarchy.linkage`` +
+``cut_tree(n_clusters=M - r)``.
 
-Cost per round: one row-min over the active distance matrix and four gathers to merge and
-compact it (it shrinks every round). One host synchronisation per round decides whether to
-stop. No numpy, no per-sample loop.
+* complete / average: RNN rounds. Each round merges all reciprocal pairs and compacts the
+  distance matrix to the surviving clusters (one row gather, one column gather, and
+  Lance-Williams updates of the merged rows/columns only).
+* single: Borůvka rounds. Every cluster joins its nearest neighbour (each such edge is in the
+  minimum spanning tree, whose ``r`` lowest edges are the ``r`` lowest single-linkage merges);
+  the number of clusters at least halves per round and contraction is a plain minimum.
+
+Host synchronisations: a few per round (the compacted width is a shape; the stop test is a
+bool). Rounds are few: single digits on random tokens. No numpy, no per-sample loop.
 """
 
 from __future__ import annotations
@@ -30,16 +36,18 @@ from torch import Tensor
 from .centers import canonical_labels
 
 LINKAGES = ("single", "complete", "average")
+_INF = float("inf")
 
 
 def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None = None) -> Tensor:
     """Cut the ``linkage`` dendrogram of ``dist`` after its ``r`` lowest merges.
 
     Args:
-        dist: ``(B, M, M)`` symmetric, finite distance matrices (the diagonal is ignored).
+        dist: ``(B, M, M)`` symmetric, finite dissimilarities (the diagonal is ignored). Any
+            increasing affine map of cosine distance (e.g. ``-cos``) gives the same result.
         r: merges to apply, ``0 <= r <= M - 1``.
         linkage: ``"single"``, ``"complete"`` or ``"average"``.
-        stats: if given, filled with ``rounds`` (RNN rounds run) and ``syncs`` (host syncs).
+        stats: if given, filled with ``rounds`` and ``syncs`` (host synchronisations).
 
     Returns:
         ``(B, M)`` int64 labels in ``[0, M - r)``; clusters are numbered in the order of
@@ -48,177 +56,187 @@ def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None 
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     b, m, _ = dist.shape
-    device = dist.device
-    tokens = torch.arange(m, device=device).expand(b, m)
     if r <= 0:
-        return tokens.clone()
+        return torch.arange(m, device=dist.device).expand(b, m).clone()
+    counter = {"rounds": 0, "syncs": 0}
     if linkage == "single":
-        parent, height, when, rounds = _boruvka_rounds(dist, r)
-        labels = _cut(parent, height, when, r, max_depth=m)
-        labels = canonical_labels(labels, m - r)
+        records = _boruvka_rounds(dist, r, counter)
     else:
-        parent, height, when, rounds = _rnn_rounds(dist, r, linkage)
-        labels = _cut(parent, height, when, r, max_depth=rounds)
+        records = _rnn_rounds(dist, r, linkage, counter)
+    labels = _cut(*records, r=r, max_depth=m if linkage == "single" else counter["rounds"])
+    if linkage == "single":  # Borůvka roots are not the smallest tokens: renumber
+        labels = canonical_labels(labels, m - r)
     if stats is not None:
-        stats.update(rounds=rounds, syncs=2 * rounds)
+        stats.update(counter)
     return labels
 
 
-def _new_records(b: int, m: int, device: torch.device, dtype: torch.dtype):
-    """Merge records by absorbed token; column ``m`` is a sink for masked-out scatters."""
-    parent = torch.arange(m + 1, device=device).expand(b, m + 1).clone()
-    height = torch.full((b, m + 1), float("inf"), device=device, dtype=dtype)
+def _start(dist: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Working matrix with an all-``inf`` sentinel row/column at index ``M``, and records.
+
+    Returns ``d`` ``(B, M+1, M+1)``, ``ids`` ``(B, M+1)`` (position -> representative token;
+    the sentinel maps to the sink token ``M``), and the merge records indexed by absorbed token
+    (column ``M`` is a sink for masked-out scatters): ``parent``, ``height``, ``when``.
+    """
+    b, m, _ = dist.shape
+    device = dist.device
+    d = torch.full((b, m + 1, m + 1), _INF, device=device, dtype=dist.dtype)
+    d[:, :m, :m] = dist
+    d.diagonal(dim1=1, dim2=2).fill_(_INF)
+    ids = torch.arange(m + 1, device=device).expand(b, m + 1).clone()
+    parent = ids.clone()
+    height = torch.full((b, m + 1), _INF, device=device, dtype=dist.dtype)
     when = torch.full((b, m + 1), m, device=device, dtype=torch.long)
-    return parent, height, when
+    return d, ids, parent, height, when
 
 
-def _done(height: Tensor, r: int, dmin: Tensor) -> bool:
+def _done(height: Tensor, r: int, dmin: Tensor, counter: dict) -> bool:
     """Host sync: are the ``r`` lowest merges of every sample known?
 
     They are once the ``r``-th lowest recorded merge is no higher than the smallest remaining
-    distance, because no later merge can be lower than that (reducibility).
+    distance: reducibility means no later merge can be lower than that.
     """
+    if counter["rounds"] == 0:
+        return False
+    counter["syncs"] += 1
     kth = height[:, :-1].kthvalue(r, dim=1).values
     return bool((kth <= dmin.min(dim=1).values).all())
 
 
-def _boruvka_rounds(dist: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Single linkage as a minimum spanning forest, grown by Borůvka rounds.
+def _record(records, absorbed_tok: Tensor, into_tok: Tensor, dmin: Tensor, rnd: int) -> None:
+    """Store merges: token ``absorbed_tok`` (or the sink) joined ``into_tok`` at ``dmin``."""
+    parent, height, when = records
+    parent.scatter_(1, absorbed_tok, into_tok)
+    height.scatter_(1, absorbed_tok, dmin)
+    when.scatter_(1, absorbed_tok, torch.full_like(absorbed_tok, rnd))
 
-    Every component joins its nearest neighbour (each such edge is in the MST), so the number
-    of components at least halves per round; contracted distances are plain minima. The
-    ``r`` lowest MST edges are the ``r`` lowest single-linkage merges.
-    Returns ``parent``, ``height``, ``when`` ``(B, M)`` as :func:`_rnn_rounds` and the rounds.
+
+def _compact_width(keep: Tensor, counter: dict) -> tuple[Tensor, int]:
+    """Per-sample survivor counts and the padded width (a host sync: it is a shape)."""
+    counter["syncs"] += 1
+    n_keep = keep.sum(dim=1)
+    return n_keep, max(int(n_keep.max()), 1)
+
+
+def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
+    """Complete/average linkage by reciprocal-nearest-neighbour rounds.
+
+    Returns the merge records ``parent``, ``height``, ``when`` ``(B, M)``: for every absorbed
+    token the smallest token of the cluster it joined, the merge distance and the round.
     """
     b, m, _ = dist.shape
     device = dist.device
-    d = dist.clone()
-    d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    ids = torch.arange(m, device=device).expand(b, m).clone()  # position -> a token of it
-    parent, height, when = _new_records(b, m, device, dist.dtype)
-    rounds = 0
+    d, ids, parent, height, when = _start(dist)
+    size = torch.ones(b, m + 1, device=device, dtype=dist.dtype)
+    offsets = torch.arange(b, device=device)[:, None]
+    while True:
+        dmin, nn = d.min(dim=2)  # (B, P+1), P active positions and the sentinel
+        if _done(height, r, dmin, counter):
+            break
+        p1 = d.shape[1]
+        pos = torch.arange(p1, device=device).expand(b, p1)
+        mutual = (nn.gather(1, nn) == pos) & (pos < nn) & torch.isfinite(dmin)
+        # The cluster at nn[i] joins the one at i (i < nn[i]: ids stays the smallest token).
+        _record(
+            (parent, height, when),
+            torch.where(mutual, ids.gather(1, nn), m),
+            ids,
+            dmin,
+            counter["rounds"],
+        )
+        counter["rounds"] += 1
+
+        absorbed = torch.zeros(b, p1 + 1, device=device, dtype=torch.bool)
+        absorbed.scatter_(1, torch.where(mutual, nn, p1), True)
+        alive = ~absorbed[:, :p1] & torch.isfinite(dmin)
+        n_alive, q = _compact_width(alive, counter)
+        order = torch.where(alive, pos, pos + p1).argsort(dim=1)[:, :q]
+        valid = torch.arange(q, device=device) < n_alive[:, None]
+        sentinel = torch.full((b, 1), p1 - 1, device=device, dtype=torch.long)
+        sel = torch.cat([torch.where(valid, order, p1 - 1), sentinel], dim=1)  # (B, q+1)
+        partner = torch.where(mutual.gather(1, sel), nn.gather(1, sel), sel)
+        n1, n2 = size.gather(1, sel), size.gather(1, partner)
+
+        # Rows of the survivors, then Lance-Williams on the merged rows only.
+        rows = d.reshape(b * p1, p1).index_select(0, (sel + offsets * p1).reshape(-1))
+        rows = rows.view(b, q + 1, p1)
+        counter["syncs"] += 1
+        mb, ms = (partner != sel).nonzero(as_tuple=True)
+        mp = partner[mb, ms]
+        w1, w2 = n1[mb, ms, None], n2[mb, ms, None]
+        rows[mb, ms] = _combine(rows[mb, ms], d[mb, mp], w1, w2, linkage)
+        # Columns of the survivors, then the same update on the merged columns.
+        d = rows.gather(2, sel[:, None, :].expand(b, q + 1, q + 1))
+        d[mb, :, ms] = _combine(d[mb, :, ms], rows[mb, :, mp], w1, w2, linkage)
+        d.diagonal(dim1=1, dim2=2).fill_(_INF)
+        size = torch.where(partner != sel, n1 + n2, n1)
+        ids = ids.gather(1, sel)
+    return parent[:, :m], height[:, :m], when[:, :m]
+
+
+def _combine(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, linkage: str) -> Tensor:
+    """Lance-Williams: distances to ``A ∪ B`` from distances ``a`` to A and ``b`` to B."""
+    if linkage == "complete":
+        return torch.maximum(a, b)
+    if linkage == "single":
+        return torch.minimum(a, b)
+    return (a * na + b * nb) / (na + nb)
+
+
+def _boruvka_rounds(dist: Tensor, r: int, counter: dict):
+    """Single linkage as a minimum spanning forest grown by Borůvka rounds.
+
+    Returns ``parent``, ``height``, ``when`` ``(B, M)`` as :func:`_rnn_rounds`, except that a
+    cluster's representative token is not necessarily its smallest.
+    """
+    b, m, _ = dist.shape
+    device = dist.device
+    d, ids, parent, height, when = _start(dist)
+    # Exact symmetry (a matmul need not give it) keeps nearest-neighbour cycles 2-cycles.
+    d = torch.minimum(d, d.transpose(1, 2))
     while True:
         dmin, nn = d.min(dim=2)  # ties go to the lowest index, so NN cycles are 2-cycles
-        if rounds > 0 and _done(height, r, dmin):
+        if _done(height, r, dmin, counter):
             break
-        p = d.shape[1]
-        pos = torch.arange(p, device=device).expand(b, p)
+        p1 = d.shape[1]
+        pos = torch.arange(p1, device=device).expand(b, p1)
         alive = torch.isfinite(dmin)
         is_root = ((nn.gather(1, nn) == pos) & (pos < nn)) | ~alive
         ptr = torch.where(is_root, pos, nn)
-        absorbed_tok = torch.where(is_root, m, ids)
-        parent.scatter_(1, absorbed_tok, ids.gather(1, ptr))
-        height.scatter_(1, absorbed_tok, dmin)
-        when.scatter_(1, absorbed_tok, torch.full_like(absorbed_tok, rounds))
-        rounds += 1
+        _record(
+            (parent, height, when),
+            torch.where(is_root, m, ids),
+            ids.gather(1, ptr),
+            dmin,
+            counter["rounds"],
+        )
+        counter["rounds"] += 1
 
-        for _ in range(max(1, math.ceil(math.log2(p)))):
+        for _ in range(max(1, math.ceil(math.log2(p1)))):  # pointer jumping to the roots
             ptr = ptr.gather(1, ptr)
         keep = is_root & alive
-        n_keep = keep.sum(dim=1)
-        q = max(int(n_keep.max()), 1)
+        _, q = _compact_width(keep, counter)
         rank = keep.long().cumsum(dim=1) - 1
-        group = torch.where(alive, rank.gather(1, ptr), q)  # (B, P); q = sink
-        rows = torch.full((b, q + 1, p), float("inf"), device=device, dtype=d.dtype)
-        rows.scatter_reduce_(1, group[:, :, None].expand(b, p, p), d, reduce="amin")
-        d = torch.full((b, q + 1, q + 1), float("inf"), device=device, dtype=d.dtype)
-        d.scatter_reduce_(2, group[:, None, :].expand(b, q + 1, p), rows, reduce="amin")
-        d = d[:, :q, :q].contiguous()
-        d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-        new_ids = torch.zeros(b, q + 1, device=device, dtype=torch.long)
-        ids = new_ids.scatter_(1, torch.where(keep, rank, q), ids)[:, :q]
-    return parent[:, :m], height[:, :m], when[:, :m], rounds
-
-
-def _rnn_rounds(dist: Tensor, r: int, linkage: str) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Merge reciprocal nearest neighbours round by round until the ``r`` lowest are known.
-
-    Returns ``parent`` ``(B, M)`` (the token each absorbed token's cluster merged into; itself
-    if never absorbed), ``height`` ``(B, M)`` (merge distance, ``inf`` if never absorbed),
-    ``when`` ``(B, M)`` (round of the merge) and the number of rounds.
-    """
-    b, m, _ = dist.shape
-    device, dtype = dist.device, dist.dtype
-    inf = torch.tensor(float("inf"), device=device, dtype=dtype)
-
-    d = dist.clone()
-    d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    ids = torch.arange(m, device=device).expand(b, m).clone()  # position -> smallest token
-    size = torch.ones(b, m, device=device, dtype=dtype)
-    parent, height, when = _new_records(b, m, device, dtype)
-
-    rounds = 0
-    while True:
-        dmin, nn = d.min(dim=2)  # (B, P) nearest active cluster of every position
-        if rounds > 0 and _done(height, r, dmin):
-            break
-        p = d.shape[1]
-        pos = torch.arange(p, device=device).expand(b, p)
-        mutual = (nn.gather(1, nn) == pos) & (pos < nn) & torch.isfinite(dmin)
-
-        # Record the merges by token: the cluster at nn[i] is absorbed into the one at i.
-        absorbed_tok = torch.where(mutual, ids.gather(1, nn), m)
-        parent.scatter_(1, absorbed_tok, ids)
-        height.scatter_(1, absorbed_tok, dmin)
-        when.scatter_(1, absorbed_tok, torch.full_like(absorbed_tok, rounds))
-        rounds += 1
-
-        # Survivors keep their relative order, so ids stays "smallest token of the cluster".
-        absorbed = torch.zeros(b, p + 1, device=device, dtype=torch.bool)
-        absorbed.scatter_(1, torch.where(mutual, nn, p), True)
-        alive = ~absorbed[:, :p] & torch.isfinite(dmin)
-        n_alive = alive.sum(dim=1)
-        q = max(int(n_alive.max()), 1)  # compacted width (shape needs it on the host)
-        sel = torch.where(alive, pos, pos + p).argsort(dim=1)[:, :q]
-        valid = torch.arange(q, device=device)[None, :] < n_alive[:, None]
-        merged = mutual.gather(1, sel) & valid
-        partner = torch.where(merged, nn.gather(1, sel), sel)
-
-        n1 = size.gather(1, sel)
-        n2 = torch.where(merged, size.gather(1, partner), 0)
-        rows = _combine(
-            d.gather(1, sel[:, :, None].expand(b, q, p)),
-            d.gather(1, partner[:, :, None].expand(b, q, p)),
-            n1[:, :, None],
-            n2[:, :, None],
-            merged[:, :, None],
-            linkage,
-        )
-        d = _combine(
-            rows.gather(2, sel[:, None, :].expand(b, q, q)),
-            rows.gather(2, partner[:, None, :].expand(b, q, q)),
-            n1[:, None, :],
-            n2[:, None, :],
-            merged[:, None, :],
-            linkage,
-        )
-        d.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), inf)
-        d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-        size = torch.where(valid, n1 + n2, 1)
-        ids = torch.where(valid, ids.gather(1, sel), 0)
-    return parent[:, :m], height[:, :m], when[:, :m], rounds
-
-
-def _combine(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, merged: Tensor, linkage: str) -> Tensor:
-    """Lance-Williams update of distances to clusters ``a`` and ``b`` for ``a ∪ b``.
-
-    ``a``/``b`` hold distances from the (possibly merged) partner clusters; where ``merged``
-    is False, ``b`` is ``a`` itself and ``a`` is returned unchanged.
-    """
-    if linkage == "single":
-        return torch.minimum(a, b)
-    if linkage == "complete":
-        return torch.maximum(a, b)
-    avg = (a * na + b * nb) / (na + nb)
-    return torch.where(merged, avg, a)
+        group = torch.where(alive, rank.gather(1, ptr), q)  # (B, P+1); q = the new sentinel
+        flat = (group + torch.arange(b, device=device)[:, None] * (q + 1)).reshape(-1)
+        rows = torch.full((b * (q + 1), p1), _INF, device=device, dtype=d.dtype)
+        rows.index_reduce_(0, flat, d.reshape(b * p1, p1), "amin")
+        # Minima are exact, so the contracted matrix is symmetric: reduce the columns as rows.
+        cols = rows.view(b, q + 1, p1).transpose(1, 2).reshape(b * p1, q + 1)
+        d = torch.full((b * (q + 1), q + 1), _INF, device=device, dtype=d.dtype)
+        d = d.index_reduce_(0, flat, cols, "amin").view(b, q + 1, q + 1)
+        d.diagonal(dim1=1, dim2=2).fill_(_INF)
+        new_ids = torch.full((b, q + 1), m, device=device, dtype=torch.long)
+        ids = new_ids.scatter_(1, torch.where(keep, rank, q), ids)
+    return parent[:, :m], height[:, :m], when[:, :m]
 
 
 def _cut(parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int) -> Tensor:
     """Apply the ``r`` lowest merges (ties: earlier round first) and label the clusters.
 
-    Every absorbed token points to a smaller token, so the chosen merges form a forest whose
-    roots are the clusters' smallest tokens; pointer jumping finds them in ``log2(depth)``
-    steps (a chain is at most one link per round deep).
+    The chosen merges form a forest over tokens (each token is absorbed at most once);
+    pointer jumping finds every token's root in ``log2(depth)`` steps. Slots are numbered in
+    root order.
     """
     b, m = parent.shape
     tokens = torch.arange(m, device=parent.device).expand(b, m)
@@ -229,6 +247,5 @@ def _cut(parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int) -
     root = torch.where(is_edge, parent, tokens)
     for _ in range(max(1, math.ceil(math.log2(max_depth + 1)))):
         root = root.gather(1, root)
-    is_root = root == tokens
-    slot = is_root.long().cumsum(dim=1) - 1
+    slot = (root == tokens).long().cumsum(dim=1) - 1
     return slot.gather(1, root)

@@ -35,7 +35,7 @@ def kmedoids_labels(dist: Tensor, num_clusters: int, iters: int) -> Tensor:
     """K-Medoids (alternating assignment / medoid update) on ``dist`` ``(B, M, M)``.
 
     Initialisation is deterministic: the most central token first, then farthest-point
-    sampling. Each update moves a medoid to the member with the smallest summed distance to its
+    sampling over the tokens not chosen yet. Each update moves a medoid to the member with the smallest summed distance to its
     cluster. ``iters`` rounds run without host synchronisation (a converged state is a fixed
     point).
     """
@@ -44,11 +44,12 @@ def kmedoids_labels(dist: Tensor, num_clusters: int, iters: int) -> Tensor:
     first = dist.sum(dim=2).argmin(dim=1, keepdim=True)
     centres = [first]
     nearest = dist.gather(1, first[:, :, None].expand(-1, 1, m)).squeeze(1)  # (B, M)
+    nearest = nearest.scatter(1, first, -1.0)  # a chosen token is never chosen again
     for _ in range(num_clusters - 1):
         nxt = nearest.argmax(dim=1, keepdim=True)
         centres.append(nxt)
         to_new = dist.gather(1, nxt[:, :, None].expand(-1, 1, m)).squeeze(1)
-        nearest = torch.minimum(nearest, to_new)
+        nearest = torch.minimum(nearest, to_new).scatter_(1, nxt, -1.0)
     medoids = torch.cat(centres, dim=1)  # (B, K)
     labels = _assign(dist, medoids)
     big = torch.finfo(dist.dtype).max
