@@ -8,6 +8,10 @@ also accepts the names of the configs packaged in ``atc_patch.mmdet``:
                       load_from=work_dirs/vit-adapter-t-3x/epoch_36.pth
 
     python examples/train_mmdet.py my_config.py --work-dir out/ --amp
+
+With torch >= 2.6, loading an mmengine checkpoint (``load_from``, ``--resume``) needs
+``--trust-checkpoint``: those files hold numpy arrays and mmengine objects that ``torch.load``'s
+default ``weights_only=True`` refuses.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action=DictAction,
         help="override config keys, key=value (e.g. model.backbone.reduction_ratio=0.25)",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load load_from/--resume checkpoints with torch.load(weights_only=False): "
+        "mmengine checkpoints hold numpy arrays and HistoryBuffer objects that torch>=2.6 "
+        "refuses to load by default. Only for checkpoints you trust.",
+    )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
@@ -51,7 +62,10 @@ def resolve_config(name: str) -> str:
 
 def build_config(argv: Sequence[str] | None = None) -> Config:
     """Load the config, apply ``--cfg-options`` and the command-line switches."""
-    args = parse_args(argv)
+    return config_from_args(parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
     path = resolve_config(args.config)
     cfg = Config.fromfile(path)
     cfg.launcher = args.launcher
@@ -70,7 +84,10 @@ def build_config(argv: Sequence[str] | None = None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> Runner:
     """Build the runner from the command line and train; returns the runner."""
-    cfg = build_config(argv)
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    if args.trust_checkpoint:  # read by torch.load when the caller leaves weights_only unset
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .adapter import InteractionBlock, SpatialPriorModule, deform_inputs
 from .reduction import Reduction, TokenGrid, make_reduction
-from .vit import Block
+from .vit import Block, Reducer
 
 
 class PatchEmbed(nn.Module):
@@ -235,7 +235,8 @@ class ViTAdapter(BaseModule):
             pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def _reducer(self, block: int):
+    def _reducer(self, block: int) -> Reducer | None:
+        """What block ``block`` calls with its keys to get its merge plan (``None``: no merge)."""
         if self.reduction is None or self.reduction.keep_ratio(block) is None:
             return None
         return partial(self.reduction.plan, block)
@@ -268,12 +269,10 @@ class ViTAdapter(BaseModule):
                     size = None
             c = stage.extract(c, tokens.to_grid(x), extract, levels)
 
-        n2, n3 = levels[0][0] * levels[0][1], levels[1][0] * levels[1][1]
-        maps = [
+        c2, c3, c4 = (
             part.transpose(1, 2).reshape(b, self.embed_dim, hh, ww)
-            for part, (hh, ww) in zip(c.split([n2, n3, c.shape[1] - n2 - n3], 1), levels)
-        ]
-        c2, c3, c4 = maps
+            for part, (hh, ww) in zip(c.split([hh * ww for hh, ww in levels], 1), levels)
+        )
         c1 = self.up(c2) + c1
         if self.add_vit_feature:
             x3 = tokens.to_grid(x).transpose(1, 2).reshape(b, self.embed_dim, h, w)
