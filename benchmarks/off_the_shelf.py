@@ -110,7 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reduction_loc", type=int, nargs="+", default=None)
     p.add_argument("--no_prop_attn", action="store_true", help="disable proportional attention")
     p.add_argument("--batch_size", type=int, default=270)
-    p.add_argument("--repeats", type=int, default=1, help="timed passes per run, fastest kept")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes per run (interleaved rounds, median kept)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output_dir", default="outputs/off_the_shelf")

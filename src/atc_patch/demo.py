@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -92,15 +93,23 @@ def _mlp_token_counts(model: nn.Module) -> tuple[list[int], list[Any]]:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, batches: Batches, label: str = "", schedule: str = "", repeats: int = 1
-) -> Result:
+def time_forward(model: nn.Module, batches: Batches) -> float:
+    """Seconds spent in ``model``'s forward passes over ``batches`` (data loading excluded)."""
+    seconds = 0.0
+    for x, _ in batches:
+        start = time.perf_counter()
+        model(x)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, label: str = "", schedule: str = "") -> Result:
     """Accuracy, forward time and token counts of ``model`` over ``batches`` of (x, labels).
 
-    Only the forward passes are timed; with ``repeats > 1`` the whole pass is timed that many
-    times and the fastest is kept (less noise on a shared machine). Token counts exclude the
-    prefix (class) tokens and are read from the first batch: ``tokens_out`` after the last
-    block, ``tokens_mean`` averaged over the blocks' MLPs (a proxy for the compute left).
+    Only the forward passes are timed. Token counts exclude the prefix (class) tokens and are
+    read from the first batch: ``tokens_out`` after the last block, ``tokens_mean`` averaged
+    over the blocks' MLPs (a proxy for the compute that is left).
     """
     model.eval()
     prefix = int(getattr(model, "num_prefix_tokens", 0))
@@ -109,19 +118,15 @@ def evaluate(
         model(warm[0][:8])
     counts, handles = _mlp_token_counts(model)
     correct = total = 0
-    best = float("inf")
-    for rep in range(max(repeats, 1)):
-        seconds = 0.0
-        for x, y in batches:
-            start = time.perf_counter()
-            logits = model(x)
-            seconds += time.perf_counter() - start
-            for h in handles:  # the token counts of the first batch are enough
-                h.remove()
-            if rep == 0:
-                correct += int((logits.argmax(-1) == y).sum())
-                total += len(y)
-        best = min(best, seconds)
+    seconds = 0.0
+    for x, y in batches:
+        start = time.perf_counter()
+        logits = model(x)
+        seconds += time.perf_counter() - start
+        for h in handles:  # the token counts of the first batch are enough
+            h.remove()
+        correct += int((logits.argmax(-1) == y).sum())
+        total += len(y)
     per_block = [c - prefix for c in counts[: len(model.blocks)]]
     tokens_in = int(model.patch_embed.num_patches) if hasattr(model, "patch_embed") else -1
     settings = patch_settings(model) or {}
@@ -135,7 +140,7 @@ def evaluate(
         tokens_mean=sum(per_block) / max(len(per_block), 1),
         correct=correct,
         total=total,
-        seconds=best,
+        seconds=seconds,
     )
 
 
@@ -150,6 +155,18 @@ def describe_schedule(options: dict[str, Any]) -> str:
     return f"r={r} {options.get('r_schedule', 'constant')}"
 
 
+Job = tuple[str, str, str | None, dict[str, Any]]  # (label, method, linkage, schedule options)
+
+
+def _patch_for(model: nn.Module, job: Job, prop_attn: bool) -> None:
+    """Put ``model`` in the state ``job`` asks for (unpatched for method ``"none"``)."""
+    _, method, linkage, options = job
+    remove_patch(model)
+    if method != "none":
+        link = {"linkage": linkage} if linkage else {}
+        apply_patch(model, method=method, prop_attn=prop_attn, **link, **options)
+
+
 def run_study(
     model: nn.Module,
     batches: Batches,
@@ -162,25 +179,34 @@ def run_study(
     """Evaluate ``model`` unpatched, then patched with every method at every schedule.
 
     ``schedules`` are ``apply_patch`` options (``{"keep_rate": .7, "reduction_loc": (1, 2)}``
-    or ``{"r": 4, "r_schedule": "decrease"}``); ``repeats`` is passed to :func:`evaluate`.
-    The model is left unpatched afterwards.
+    or ``{"r": 4, "r_schedule": "decrease"}``). With ``repeats > 1`` every run is timed that
+    many times, in rounds that go through all runs in turn (so a change in machine load hits
+    every run alike), and the median time is kept. The model is left unpatched afterwards.
     """
     from tqdm.auto import tqdm
 
-    jobs: list[tuple[str, str, str | None, dict[str, Any]]] = [("unpatched", "none", None, {})]
+    jobs: list[Job] = [("unpatched", "none", None, {})]
     jobs += [(lab, m, link, s) for s in schedules for lab, m, link in methods]
     results = []
-    bar = tqdm(jobs, desc="atc_patch demo", unit="run", disable=not progress)
-    for label, method, linkage, options in bar:
-        bar.set_postfix_str(f"{label} {describe_schedule(options) if options else ''}")
-        remove_patch(model)
-        if method != "none":
-            link = {"linkage": linkage} if linkage else {}
-            apply_patch(model, method=method, prop_attn=prop_attn, **link, **options)
-        results.append(
-            evaluate(model, batches, label, describe_schedule(options) if options else "", repeats)
-        )
+    times: list[list[float]] = []
+    total = len(jobs) * max(repeats, 1)
+    with tqdm(total=total, desc="atc_patch demo", unit="run", disable=not progress) as bar:
+        for job in jobs:
+            bar.set_postfix_str(f"{job[0]} {describe_schedule(job[3]) if job[3] else ''}")
+            _patch_for(model, job, prop_attn)
+            sched = describe_schedule(job[3]) if job[3] else ""
+            results.append(evaluate(model, batches, job[0], sched))
+            times.append([results[-1].seconds])
+            bar.update()
+        for _ in range(max(repeats, 1) - 1):
+            for job, t in zip(jobs, times):
+                bar.set_postfix_str(f"timing {job[0]}")
+                _patch_for(model, job, prop_attn)
+                t.append(time_forward(model, batches))
+                bar.update()
     remove_patch(model)
+    for result, t in zip(results, times):
+        result.seconds = statistics.median(t)
     return results
 
 
@@ -307,7 +333,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep_rate", type=float, nargs="+", default=None, help=f"default {KEEP_RATES}")
     p.add_argument("--reduction_loc", type=int, nargs="+", default=list(REDUCTION_LOC))
     p.add_argument("--batch_size", type=int, default=270)
-    p.add_argument("--repeats", type=int, default=1, help="timed passes per run, fastest kept")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes per run (interleaved rounds, median kept)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="fewer images and keep rates (tests)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")

@@ -10,7 +10,8 @@ pixel (64 patch tokens + a class token). Its only non-default part is the token 
 3x3 convolution (stride 1) instead of timm's 1x1 "patch" projection, so each pixel token sees
 its neighbours; it trains in a couple of minutes on a CPU where a 1x1 embedding plateaus.
 Weights and the test split are ``safetensors`` files in ``atc_patch/data`` (no pickle), written
-by ``examples/train_digits.py``; the architecture is stored in the weights' metadata.
+by ``examples/train_digits.py``; the architecture is stored in the weights' metadata. Needs
+timm and safetensors (the ``timm`` extra).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 WEIGHTS_FILE = "digits_vit.safetensors"
@@ -30,36 +33,29 @@ TEST_FILE = "digits_test.safetensors"
 PIXEL_MAX, MEAN, STD = 16.0, 0.5, 0.5
 
 
-def _patch_embed_class() -> type:
-    from timm.layers import PatchEmbed
+class PixelEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` with ``patch_size=1`` whose projection is a ``k x k`` convolution.
 
-    class PixelEmbed(PatchEmbed):
-        """timm ``PatchEmbed`` with ``patch_size=1`` whose projection is a ``k x k`` convolution.
+    ``(B, C, H, W) -> (B, H * W, embed_dim)``: one token per pixel, as with ``PatchEmbed``.
+    """
 
-        ``(B, C, H, W) -> (B, H * W, embed_dim)``: one token per pixel, as with ``PatchEmbed``.
-        """
-
-        def __init__(self, *args: Any, kernel_size: int = 3, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if self.patch_size != (1, 1):
-                raise ValueError(f"PixelEmbed needs patch_size=1, got {self.patch_size}")
-            conv = self.proj
-            self.proj = nn.Conv2d(
-                conv.in_channels,
-                conv.out_channels,
-                kernel_size,
-                padding=kernel_size // 2,
-                bias=conv.bias is not None,
-            )
-
-    return PixelEmbed
+    def __init__(self, *args: Any, kernel_size: int = 3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.patch_size != (1, 1):
+            raise ValueError(f"PixelEmbed needs patch_size=1, got {self.patch_size}")
+        conv = self.proj
+        self.proj = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            kernel_size,
+            padding=kernel_size // 2,
+            bias=conv.bias is not None,
+        )
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """``timm.models.vision_transformer.VisionTransformer(**config)`` with the pixel embedding."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(**config, embed_layer=_patch_embed_class())
+    return VisionTransformer(**config, embed_layer=PixelEmbed)
 
 
 @dataclass(frozen=True)
