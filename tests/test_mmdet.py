@@ -143,7 +143,9 @@ def test_no_reduction_equals_plain_run():
         m.configure_reduction("tome", reduction_loc=[], reduction_ratio=0.5)
         runs["tome, no locations"] = m(img)
         m.configure_reduction(None)
-        atc_patch.apply_patch(m, method="atc", linkage="single", reduction_ratio=0.5)
+        atc_patch.apply_patch(
+            m, method="atc", linkage="single", reduction_ratio=0.5, reduction_loc=[1, 2]
+        )
         reduced = m(img)
         atc_patch.remove_patch(m)
         runs["patched then removed"] = m(img)
