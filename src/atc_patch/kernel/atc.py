@@ -128,7 +128,6 @@ def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
     device = dist.device
     d, ids, parent, height, when = _start(dist)
     size = torch.ones(b, m + 1, device=device, dtype=dist.dtype)
-    offsets = torch.arange(b, device=device)[:, None]
     while True:
         dmin, nn = d.min(dim=2)  # (B, P+1), P active positions and the sentinel
         if _done(height, r, dmin, counter):
@@ -156,31 +155,43 @@ def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
         sel = torch.cat([torch.where(valid, order, p1 - 1), sentinel], dim=1)  # (B, q+1)
         partner = torch.where(mutual.gather(1, sel), nn.gather(1, sel), sel)
         n1, n2 = size.gather(1, sel), size.gather(1, partner)
-
-        # Rows of the survivors, then Lance-Williams on the merged rows only.
-        rows = d.reshape(b * p1, p1).index_select(0, (sel + offsets * p1).reshape(-1))
-        rows = rows.view(b, q + 1, p1)
+        merged = partner != sel
         counter["syncs"] += 1
-        mb, ms = (partner != sel).nonzero(as_tuple=True)
-        mp = partner[mb, ms]
-        w1, w2 = n1[mb, ms, None], n2[mb, ms, None]
-        rows[mb, ms] = _combine(rows[mb, ms], d[mb, mp], w1, w2, linkage)
-        # Columns of the survivors, then the same update on the merged columns.
-        d = rows.gather(2, sel[:, None, :].expand(b, q + 1, q + 1))
-        d[mb, :, ms] = _combine(d[mb, :, ms], rows[mb, :, mp], w1, w2, linkage)
+        mb, ms = merged.nonzero(as_tuple=True)
+        weight = (n2 / (n1 + n2))[mb, ms, None]  # average linkage: lerp towards the partner
+        # Rows of the survivors with merged rows updated, then the same on the columns (done
+        # as rows of the transpose: the result is the symmetric matrix, transposed).
+        rows = _merge_rows(d, sel, partner, mb, ms, weight, linkage)
+        d = _merge_rows(rows.transpose(1, 2).contiguous(), sel, partner, mb, ms, weight, linkage)
         d.diagonal(dim1=1, dim2=2).fill_(_INF)
-        size = torch.where(partner != sel, n1 + n2, n1)
+        size = torch.where(merged, n1 + n2, n1)
         ids = ids.gather(1, sel)
     return parent[:, :m], height[:, :m], when[:, :m]
 
 
-def _combine(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, linkage: str) -> Tensor:
-    """Lance-Williams: distances to ``A ∪ B`` from distances ``a`` to A and ``b`` to B."""
-    if linkage == "complete":
-        return torch.maximum(a, b)
-    if linkage == "single":
-        return torch.minimum(a, b)
-    return (a * na + b * nb) / (na + nb)
+def _merge_rows(
+    d: Tensor, sel: Tensor, partner: Tensor, mb: Tensor, ms: Tensor, weight: Tensor, linkage: str
+) -> Tensor:
+    """Rows ``sel`` of ``d`` ``(B, P, C)``, rows of merged clusters combined with ``partner``'s.
+
+    ``(mb, ms)`` index the merged rows of the ``(B, Q)`` selection. Lance-Williams: complete
+    takes the maximum, average the size-weighted mean ``lerp(a, b, n_b / (n_a + n_b))``.
+    Returns ``(B, Q, C)``.
+    """
+    b, p, c = d.shape
+    q = sel.shape[1]
+    flat = d.reshape(b * p, c)
+    out = flat.index_select(0, (sel + torch.arange(b, device=d.device)[:, None] * p).reshape(-1))
+    if mb.numel():
+        rows = mb * q + ms
+        a = out.index_select(0, rows)
+        other = flat.index_select(0, mb * p + partner[mb, ms])
+        if linkage == "complete":
+            combined = torch.maximum(a, other)
+        else:  # inf (diagonal, sentinel) must stay inf: lerp gives inf - inf = nan there
+            combined = a.lerp_(other, weight).nan_to_num_(nan=_INF, posinf=_INF)
+        out.index_copy_(0, rows, combined)
+    return out.view(b, q, c)
 
 
 def _boruvka_rounds(dist: Tensor, r: int, counter: dict):

@@ -35,9 +35,9 @@ def kmedoids_labels(dist: Tensor, num_clusters: int, iters: int) -> Tensor:
     """K-Medoids (alternating assignment / medoid update) on ``dist`` ``(B, M, M)``.
 
     Initialisation is deterministic: the most central token first, then farthest-point
-    sampling over the tokens not chosen yet. Each update moves a medoid to the member with the smallest summed distance to its
-    cluster. ``iters`` rounds run without host synchronisation (a converged state is a fixed
-    point).
+    sampling over the tokens not chosen yet. Each update moves a medoid to the member with the
+    smallest summed distance to its cluster. ``iters`` rounds run without host
+    synchronisation (a converged state is a fixed point).
     """
     b, m, _ = dist.shape
     device = dist.device
