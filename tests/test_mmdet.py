@@ -109,6 +109,8 @@ def _record_tokens(m: ViTAdapter) -> tuple[list[int], list[int], list]:
 def test_backbone_builds_from_packaged_config_through_registry():
     assert {"vit-adapter-t-3x", "vit-adapter-s-3x", "tomeatc-adapter-t-0.5x-ftune"} <= set(CONFIGS)
     cfg = Config.fromfile(config_path("vit-adapter-s-3x"))
+    assert cfg.custom_imports.imports == ["atc_patch.mmdet"]  # what registers the backbone
+    assert MODELS.get("ViTAdapter") is ViTAdapter
     cfg.model.backbone.norm_cfg = dict(type="BN")
     backbone = MODELS.build(cfg.model.backbone)
     assert type(backbone) is ViTAdapter

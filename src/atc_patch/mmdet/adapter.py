@@ -112,7 +112,9 @@ def _msda(dim: int, heads: int, levels: int, points: int, ratio: float) -> nn.Mo
 class SpatialPriorModule(nn.Module):
     """Conv stem: image ``(B, 3, H, W)`` -> ``c1`` map and ``c2, c3, c4`` token sequences."""
 
-    def __init__(self, inplanes: int = 64, embed_dim: int = 384, norm_cfg: dict | None = None):
+    def __init__(
+        self, inplanes: int = 64, embed_dim: int = 384, norm_cfg: dict | None = None
+    ) -> None:
         super().__init__()
         norm_cfg = norm_cfg or dict(type="BN")
 
