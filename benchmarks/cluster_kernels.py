@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from atc_patch.kernel.atc import agglomerative_labels
-from atc_patch.kernel.distance import negative_cosine
+from atc_patch.kernel.atc import agglomerative_labels_padded
+from atc_patch.kernel.distance import negative_cosine_padded
 
 FRAMEWORKS = ("sklearn", "scipy", "atc_patch")
 
@@ -62,7 +62,9 @@ def scipy_loop(metric: torch.Tensor, k: int, linkage: str) -> list[np.ndarray]:
 def ours(metric: torch.Tensor, k: int, linkage: str, stats: dict | None = None) -> torch.Tensor:
     """atc_patch: the whole batch at once, on the input's device."""
     with torch.no_grad():
-        return agglomerative_labels(negative_cosine(metric), metric.shape[1] - k, linkage, stats)
+        return agglomerative_labels_padded(
+            negative_cosine_padded(metric), metric.shape[1] - k, linkage, stats
+        )
 
 
 def time_call(fn: Callable[[], object], runs: int, throw_out: int) -> float:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .atc import LINKAGES, agglomerative_labels
+from .atc import LINKAGES, agglomerative_labels_padded
 from .bipartite import bipartite_plan, bipartite_random2d_plan
 from .centers import dpcknn_labels, kmedoids_labels
-from .distance import cosine_distance, negative_cosine
+from .distance import cosine_distance, negative_cosine_padded
 from .plan import MergePlan
 
 METHODS = ("atc", "tome", "tome_sd", "kmedoids", "dpcknn")
@@ -88,7 +88,9 @@ def cluster_tokens(
     with torch.no_grad():
         free = metric[:, protected:]
         if method == "atc":
-            labels = agglomerative_labels(negative_cosine(free), r, linkage or "average")
+            labels = agglomerative_labels_padded(
+                negative_cosine_padded(free), r, linkage or "average"
+            )
         elif method == "kmedoids":
             labels = kmedoids_labels(cosine_distance(free), n - protected - r, iters)
         else:

@@ -53,16 +53,29 @@ def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None 
         ``(B, M)`` int64 labels in ``[0, M - r)``; clusters are numbered in the order of
         their smallest token index.
     """
+    padded = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=_INF)
+    return agglomerative_labels_padded(padded, r, linkage, stats)
+
+
+def agglomerative_labels_padded(
+    padded: Tensor, r: int, linkage: str, stats: dict | None = None
+) -> Tensor:
+    """:func:`agglomerative_labels` on ``(B, M+1, M+1)`` whose last row/column is ``inf``.
+
+    ``padded`` is overwritten (it becomes the working matrix), which saves a copy of the
+    ``M x M`` matrix; :func:`~atc_patch.kernel.distance.negative_cosine_padded` builds it
+    with one matmul.
+    """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
-    b, m, _ = dist.shape
+    b, m = padded.shape[0], padded.shape[1] - 1
     if r <= 0:
-        return torch.arange(m, device=dist.device).expand(b, m).clone()
+        return torch.arange(m, device=padded.device).expand(b, m).clone()
     counter = {"rounds": 0, "syncs": 0}
     if linkage == "single":
-        records = _boruvka_rounds(dist, r, counter)
+        records = _boruvka_rounds(padded, r, counter)
     else:
-        records = _rnn_rounds(dist, r, linkage, counter)
+        records = _rnn_rounds(padded, r, linkage, counter)
     labels = _cut(*records, r=r, max_depth=m if linkage == "single" else counter["rounds"])
     if linkage == "single":  # Borůvka roots are not the smallest tokens: renumber
         labels = canonical_labels(labels, m - r)
@@ -71,22 +84,21 @@ def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None 
     return labels
 
 
-def _start(dist: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Working matrix with an all-``inf`` sentinel row/column at index ``M``, and records.
+def _start(d: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Prepare the padded working matrix ``d`` ``(B, M+1, M+1)`` (in place) and the records.
 
-    Returns ``d`` ``(B, M+1, M+1)``, ``ids`` ``(B, M+1)`` (position -> representative token;
-    the sentinel maps to the sink token ``M``), and the merge records indexed by absorbed token
-    (column ``M`` is a sink for masked-out scatters): ``parent``, ``height``, ``when``.
+    Index ``M`` is a sentinel whose row and column are ``inf``. Returns ``d`` with an ``inf``
+    diagonal, ``ids`` ``(B, M+1)`` (position -> representative token; the sentinel maps to the
+    sink token ``M``), and the merge records indexed by absorbed token (column ``M`` is a sink
+    for masked-out scatters): ``parent``, ``height``, ``when``.
     """
-    b, m, _ = dist.shape
-    device = dist.device
-    d = torch.full((b, m + 1, m + 1), _INF, device=device, dtype=dist.dtype)
-    d[:, :m, :m] = dist
+    b, m1, _ = d.shape
+    device = d.device
     d.diagonal(dim1=1, dim2=2).fill_(_INF)
-    ids = torch.arange(m + 1, device=device).expand(b, m + 1).clone()
+    ids = torch.arange(m1, device=device).expand(b, m1).clone()
     parent = ids.clone()
-    height = torch.full((b, m + 1), _INF, device=device, dtype=dist.dtype)
-    when = torch.full((b, m + 1), m, device=device, dtype=torch.long)
+    height = torch.full((b, m1), _INF, device=device, dtype=d.dtype)
+    when = torch.full((b, m1), m1 - 1, device=device, dtype=torch.long)
     return d, ids, parent, height, when
 
 
@@ -124,7 +136,7 @@ def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
     Returns the merge records ``parent``, ``height``, ``when`` ``(B, M)``: for every absorbed
     token the smallest token of the cluster it joined, the merge distance and the round.
     """
-    b, m, _ = dist.shape
+    b, m = dist.shape[0], dist.shape[1] - 1
     device = dist.device
     d, ids, parent, height, when = _start(dist)
     size = torch.ones(b, m + 1, device=device, dtype=dist.dtype)
@@ -158,15 +170,57 @@ def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
         merged = partner != sel
         counter["syncs"] += 1
         mb, ms = merged.nonzero(as_tuple=True)
-        weight = (n2 / (n1 + n2))[mb, ms, None]  # average linkage: lerp towards the partner
-        # Rows of the survivors with merged rows updated, then the same on the columns (done
-        # as rows of the transpose: the result is the symmetric matrix, transposed).
-        rows = _merge_rows(d, sel, partner, mb, ms, weight, linkage)
-        d = _merge_rows(rows.transpose(1, 2).contiguous(), sel, partner, mb, ms, weight, linkage)
+        weight_all = n2 / (n1 + n2)  # average linkage: lerp towards the partner by this
+        weight = weight_all[mb, ms, None]
+        # Rows of the survivors with merged rows updated, then the same for the columns.
+        rows = _merge_rows(d, sel, partner, mb, ms, weight, linkage)  # (B, q+1, P+1)
+        d = rows.gather(2, sel[:, None, :].expand(b, q + 1, q + 1))
+        _merge_columns(d, rows, sel, partner, merged, weight_all, linkage, counter)
         d.diagonal(dim1=1, dim2=2).fill_(_INF)
         size = torch.where(merged, n1 + n2, n1)
         ids = ids.gather(1, sel)
     return parent[:, :m], height[:, :m], when[:, :m]
+
+
+def _lance_williams(a: Tensor, b: Tensor, weight: Tensor, linkage: str) -> Tensor:
+    """Distances to ``A ∪ B`` from distances ``a`` to A and ``b`` to B (``a`` is reused).
+
+    Complete takes the maximum, average the size-weighted mean ``lerp(a, b, n_B/(n_A+n_B))``.
+    """
+    if linkage == "complete":
+        return torch.maximum(a, b)
+    # inf (diagonal, sentinel) must stay inf: lerp gives inf - inf = nan there
+    return a.lerp_(b, weight).nan_to_num_(nan=_INF, posinf=_INF)
+
+
+def _merge_columns(
+    d: Tensor,
+    rows: Tensor,
+    sel: Tensor,
+    partner: Tensor,
+    merged: Tensor,
+    weight: Tensor,
+    linkage: str,
+    counter: dict,
+) -> None:
+    """Update the merged columns of ``d`` ``(B, Q, Q)`` in place from ``rows`` ``(B, Q, P)``.
+
+    Each sample's merged columns are gathered into a ``(B, Q, K)`` block (``K`` = the most
+    merges in a sample; shorter samples are padded with the all-``inf`` sentinel column).
+    """
+    b, q = merged.shape
+    count = merged.sum(dim=1)
+    counter["syncs"] += 1
+    k = int(count.max())
+    if k == 0:
+        return
+    slots = torch.arange(q, device=d.device).expand(b, q)
+    cols = torch.where(merged, slots, slots + q).argsort(dim=1)[:, :k]
+    cols = torch.where(torch.arange(k, device=d.device) < count[:, None], cols, q - 1)
+    a = rows.gather(2, sel.gather(1, cols)[:, None, :].expand(b, q, k))
+    other = rows.gather(2, partner.gather(1, cols)[:, None, :].expand(b, q, k))
+    combined = _lance_williams(a, other, weight.gather(1, cols)[:, None, :], linkage)
+    d.scatter_(2, cols[:, None, :].expand(b, q, k), combined)
 
 
 def _merge_rows(
@@ -186,10 +240,7 @@ def _merge_rows(
         rows = mb * q + ms
         a = out.index_select(0, rows)
         other = flat.index_select(0, mb * p + partner[mb, ms])
-        if linkage == "complete":
-            combined = torch.maximum(a, other)
-        else:  # inf (diagonal, sentinel) must stay inf: lerp gives inf - inf = nan there
-            combined = a.lerp_(other, weight).nan_to_num_(nan=_INF, posinf=_INF)
+        combined = _lance_williams(a, other, weight, linkage)
         out.index_copy_(0, rows, combined)
     return out.view(b, q, c)
 
@@ -200,7 +251,7 @@ def _boruvka_rounds(dist: Tensor, r: int, counter: dict):
     Returns ``parent``, ``height``, ``when`` ``(B, M)`` as :func:`_rnn_rounds`, except that a
     cluster's representative token is not necessarily its smallest.
     """
-    b, m, _ = dist.shape
+    b, m = dist.shape[0], dist.shape[1] - 1
     device = dist.device
     d, ids, parent, height, when = _start(dist)
     # Exact symmetry (a matmul need not give it) keeps nearest-neighbour cycles 2-cycles.

@@ -38,3 +38,17 @@ def negative_cosine(metric: Tensor) -> Tensor:
     """
     x = normalize_tokens(metric)
     return x @ (-x).transpose(-1, -2)
+
+
+def negative_cosine_padded(metric: Tensor) -> Tensor:
+    """``(B, N, C)`` -> ``(B, N+1, N+1)``: :func:`negative_cosine` plus an ``inf`` last row/column.
+
+    The padded layout is what :func:`~atc_patch.kernel.atc.agglomerative_labels_padded` works
+    in; building it here writes the matrix once.
+    """
+    x = normalize_tokens(metric)
+    x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+    d = x @ (-x).transpose(-1, -2)
+    d[:, -1, :] = float("inf")
+    d[:, :, -1] = float("inf")
+    return d
