@@ -29,6 +29,7 @@ bool). Rounds are few: single digits on random tokens. No numpy, no per-sample l
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ from torch import Tensor
 from .centers import canonical_labels
 
 LINKAGES = ("single", "complete", "average")
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 _INF = float("inf")
 
 
@@ -254,8 +256,7 @@ def _boruvka_rounds(dist: Tensor, r: int, counter: dict):
     b, m = dist.shape[0], dist.shape[1] - 1
     device = dist.device
     d, ids, parent, height, when = _start(dist)
-    # Exact symmetry (a matmul need not give it) keeps nearest-neighbour cycles 2-cycles.
-    d = torch.minimum(d, d.transpose(1, 2))
+    _symmetrize_min(d)
     while True:
         dmin, nn = d.min(dim=2)  # ties go to the lowest index, so NN cycles are 2-cycles
         if _done(height, r, dmin, counter):
@@ -280,17 +281,29 @@ def _boruvka_rounds(dist: Tensor, r: int, counter: dict):
         _, q = _compact_width(keep, counter)
         rank = keep.long().cumsum(dim=1) - 1
         group = torch.where(alive, rank.gather(1, ptr), q)  # (B, P+1); q = the new sentinel
-        flat = (group + torch.arange(b, device=device)[:, None] * (q + 1)).reshape(-1)
+        offsets = torch.arange(b, device=device)[:, None] * (q + 1)
+        flat = (group + offsets).reshape(-1)
         rows = torch.full((b * (q + 1), p1), _INF, device=device, dtype=d.dtype)
         rows.index_reduce_(0, flat, d.reshape(b * p1, p1), "amin")
-        # Minima are exact, so the contracted matrix is symmetric: reduce the columns as rows.
-        cols = rows.view(b, q + 1, p1).transpose(1, 2).reshape(b * p1, q + 1)
-        d = torch.full((b * (q + 1), q + 1), _INF, device=device, dtype=d.dtype)
-        d = d.index_reduce_(0, flat, cols, "amin").view(b, q + 1, q + 1)
+        # Columns: lay the samples side by side, (q+1, B*P1), and reduce along dim 1.
+        side = rows.view(b, q + 1, p1).transpose(0, 1).reshape(q + 1, b * p1)
+        cols = torch.full((q + 1, b * (q + 1)), _INF, device=device, dtype=d.dtype)
+        cols.index_reduce_(1, flat, side, "amin")
+        d = cols.view(q + 1, b, q + 1).transpose(0, 1).contiguous()
         d.diagonal(dim1=1, dim2=2).fill_(_INF)
         new_ids = torch.full((b, q + 1), m, device=device, dtype=torch.long)
         ids = new_ids.scatter_(1, torch.where(keep, rank, q), ids)
     return parent[:, :m], height[:, :m], when[:, :m]
+
+
+def _symmetrize_min(d: Tensor) -> None:
+    """``d = min(d, d^T)`` in place, sample by sample (2-D transposes take a blocked copy).
+
+    A matmul need not be exactly symmetric; exact symmetry keeps Borůvka's nearest-neighbour
+    cycles 2-cycles (with ties broken by index).
+    """
+    for sample in d:  # a layout step, not clustering: B copies of the matrix
+        torch.minimum(sample, sample.t().contiguous(), out=sample)
 
 
 def _cut(parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int) -> Tensor:
