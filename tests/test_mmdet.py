@@ -126,6 +126,17 @@ def test_backbone_builds_from_packaged_config_through_registry():
     assert reduced.reduction_loc == [3, 6, 9]
 
 
+def test_vit_weights_load_from_a_timm_deit_state_dict():
+    timm = pytest.importorskip("timm")
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)  # random init
+    result = ViTAdapter(**T_ARGS).load_state_dict(deit.state_dict(), strict=False)
+    vit_prefixes = ("blocks.", "patch_embed.", "pos_embed")
+    assert not [k for k in result.missing_keys if k.startswith(vit_prefixes)]
+    assert set(result.unexpected_keys) == {
+        "cls_token", "norm.weight", "norm.bias", "head.weight", "head.bias"
+    }  # fmt: skip
+
+
 def test_outputs_are_fpn_ready_maps(vit_t):
     with torch.no_grad():
         outs = vit_t(_image(128, batch=2))
