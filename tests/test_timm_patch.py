@@ -200,17 +200,7 @@ def test_dynamic_img_size_schedule_per_forward():
     [
         ("vit", True, False),
         ("deit_distilled", True, True),
-        pytest.param(
-            "mae_avg_pool",
-            False,
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="kernel: without protected tokens ToMe keeps unmerged A tokens in score "
-                "order (unm_idx is sorted only with a class token), which decides the A/B split "
-                "of the next block; bipartite_plan always sorts them",
-            ),
-        ),
+        ("mae_avg_pool", False, False),
     ],
 )
 def test_tome_reproduces_published_algorithm(key, class_token, distill_token):

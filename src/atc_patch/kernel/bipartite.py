@@ -51,7 +51,10 @@ def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
     ``A`` are the unprotected tokens at even positions and ``B`` those at odd positions
     (ToMe's ``a, b = metric[..., ::2, :], metric[..., 1::2, :]`` with the class/distillation
     tokens left out instead of scored ``-inf``). ``r`` must not exceed ``|A|`` nor half the
-    unprotected tokens. Output order: protected tokens, unmerged ``A`` tokens by index, ``B``.
+    unprotected tokens. Output order: protected tokens, unmerged ``A`` tokens, ``B``. As in
+    ToMe, unmerged ``A`` tokens are sorted by index when there are protected tokens (ToMe's
+    ``class_token=True``) and stay in decreasing-score order otherwise; the order decides the
+    ``A``/``B`` split of the next reduction.
     """
     bsz, n, _ = metric.shape
     with torch.no_grad():
@@ -67,7 +70,7 @@ def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
             (b_pos - protected).expand(bsz, -1),
             scores,
             r,
-            sort_unmerged=True,
+            sort_unmerged=protected > 0,
             offset=protected,
         )
         if protected:
