@@ -18,8 +18,18 @@ if [ ! -x "$py" ]; then
   echo "[bootstrap] creating $venv" >&2
   python3 -m venv "$venv"
 fi
-pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-# torch first, pinned: these wheels lie on this machine's disk (see README, "Install").
+pip() {  # quiet pip that still fails the script when pip fails
+  local log
+  log=$(mktemp)
+  if ! "$py" -m pip --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+}
+# torch first, pinned: these wheels lie on this machine's disk (README, "Set-up").
 pip install "torch==2.14.1" "torchvision==0.29.1"
 "$py" -c "import torch, torchvision" >/dev/null
 
@@ -31,6 +41,9 @@ else
   pip install -e "$root[timm,vis]"
 fi
 "$py" -c "import atc_patch" >/dev/null
+if [ "$target" = "test" ]; then
+  "$py" -c "import timm, diffusers, tomesd, mmdet; from mmcv.ops import MultiScaleDeformableAttention"
+fi
 rm -f "$venv"/.atc-"$target"-*
 touch "$stamp"
 echo "[bootstrap] $target environment ready in $venv" >&2
