@@ -70,7 +70,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def build_detector(model: str) -> torch.nn.Module:
-    """Mask R-CNN + ViT-Adapter from the packaged config (BN instead of SyncBN, random init)."""
+    """Mask R-CNN + ViT-Adapter from the packaged config (BN, random init, fixed 100 dets)."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
@@ -80,6 +80,9 @@ def build_detector(model: str) -> torch.nn.Module:
     register_all_modules(init_default_scope=True)
     cfg = Config.fromfile(config_path(f"vit-adapter-{model}-3x"))
     cfg.model.backbone.norm_cfg = dict(type="BN")
+    # Keep the top 100 detections whatever their scores, so every variant runs the box and mask
+    # heads on the same number of objects (random weights would otherwise change that count).
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
     torch.manual_seed(0)
     detector = MODELS.build(cfg.model)
     detector.init_weights()
