@@ -17,8 +17,8 @@ Three ways to state it:
   ``j``-th reduction location the number of non-protected tokens kept is
   ``int(num_patches * k ** (j + 1))``; all other blocks remove nothing.
 
-Each family may clamp a block's ``r`` further to what its method can remove (ToMe removes at
-most half of the unprotected tokens in one step); the kernel does that clamping.
+The kernel clamps a block's ``r`` to what its method can remove from the tokens actually left
+(ToMe removes at most half of the unprotected tokens in one step).
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ class Schedule:
     def per_block(self, num_blocks: int, num_patches: int) -> list[int]:
         """Tokens removed by each of ``num_blocks`` blocks, ``num_patches`` unprotected tokens in.
 
-        The counts are what the schedule asks for; they are clamped so that at least one
-        unprotected token is left, and a kernel method may clamp them further.
+        The counts are what the schedule asks for. They are not clamped here: the kernel clamps
+        each block to what its method can remove from the tokens actually left (ToMe at most
+        half, every method leaves at least one unprotected token), so a block that removed
+        less than asked does not make later blocks remove less too.
         """
         if self.keep_rate is not None:
             wanted = [0] * num_blocks
@@ -65,12 +67,7 @@ class Schedule:
             wanted = _tome_parse_r(num_blocks, int(self.r or 0), inflect=-1.0)
         else:
             wanted = [int(self.r or 0)] * num_blocks
-        out, left = [], num_patches
-        for w in wanted:
-            w = max(0, min(w, left - 1)) if left > 1 else 0
-            out.append(w)
-            left -= w
-        return out
+        return [max(0, w) for w in wanted]
 
     def is_identity(self) -> bool:
         """True when the schedule removes nothing for any model (r=0 or keep_rate=1)."""
