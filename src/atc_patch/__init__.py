@@ -11,6 +11,7 @@ x, size = plan.merge_wavg(x, size)
 from .kernel import LINKAGES, METHODS, cluster_tokens
 from .kernel.plan import MergePlan
 from .patch import apply_patch, patch_settings, remove_patch
+from .patch._vit import last_source
 from .schedule import Schedule, make_schedule
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "Schedule",
     "apply_patch",
     "cluster_tokens",
+    "last_source",
     "make_schedule",
     "patch_settings",
     "remove_patch",
