@@ -162,11 +162,8 @@ def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
         absorbed = torch.zeros(b, p1 + 1, device=device, dtype=torch.bool)
         absorbed.scatter_(1, torch.where(mutual, nn, p1), True)
         alive = ~absorbed[:, :p1] & torch.isfinite(dmin)
-        n_alive, q = _compact_width(alive, counter)
-        order = torch.where(alive, pos, pos + p1).argsort(dim=1)[:, :q]
-        valid = torch.arange(q, device=device) < n_alive[:, None]
-        sentinel = torch.full((b, 1), p1 - 1, device=device, dtype=torch.long)
-        sel = torch.cat([torch.where(valid, order, p1 - 1), sentinel], dim=1)  # (B, q+1)
+        _, q = _compact_width(alive, counter)
+        sel = _pack(alive, q + 1, fill=p1 - 1)  # survivors, then the sentinel: (B, q+1)
         partner = torch.where(mutual.gather(1, sel), nn.gather(1, sel), sel)
         n1, n2 = size.gather(1, sel), size.gather(1, partner)
         merged = partner != sel
@@ -182,6 +179,18 @@ def _rnn_rounds(dist: Tensor, r: int, linkage: str, counter: dict):
         size = torch.where(merged, n1 + n2, n1)
         ids = ids.gather(1, sel)
     return parent[:, :m], height[:, :m], when[:, :m]
+
+
+def _pack(mask: Tensor, width: int, fill: int) -> Tensor:
+    """Positions of the ``True`` entries of ``mask`` ``(B, N)``, in order, padded with ``fill``.
+
+    Returns ``(B, width)``; ``width`` must be at least the largest count of a row.
+    """
+    b, n = mask.shape
+    rank = torch.where(mask, mask.long().cumsum(dim=1) - 1, width)  # column ``width``: a sink
+    out = torch.full((b, width + 1), fill, device=mask.device, dtype=torch.long)
+    out.scatter_(1, rank, torch.arange(n, device=mask.device).expand(b, n))
+    return out[:, :width]
 
 
 def _lance_williams(a: Tensor, b: Tensor, weight: Tensor, linkage: str) -> Tensor:
@@ -216,9 +225,7 @@ def _merge_columns(
     k = int(count.max())
     if k == 0:
         return
-    slots = torch.arange(q, device=d.device).expand(b, q)
-    cols = torch.where(merged, slots, slots + q).argsort(dim=1)[:, :k]
-    cols = torch.where(torch.arange(k, device=d.device) < count[:, None], cols, q - 1)
+    cols = _pack(merged, k, fill=q - 1)
     a = rows.gather(2, sel.gather(1, cols)[:, None, :].expand(b, q, k))
     other = rows.gather(2, partner.gather(1, cols)[:, None, :].expand(b, q, k))
     combined = _lance_williams(a, other, weight.gather(1, cols)[:, None, :], linkage)
