@@ -10,10 +10,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import safetensors  # noqa: F401
+import timm  # noqa: F401
 import torch
-
-pytest.importorskip("timm")
-pytest.importorskip("safetensors")
 
 import atc_patch  # noqa: E402
 from atc_patch import demo, digits  # noqa: E402
@@ -157,7 +156,8 @@ def test_off_the_shelf_runs_on_digits(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_training_script_smoke(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401
+
     train = _load_script(ROOT / "examples" / "train_digits.py", "train_digits")
     meta = train.train(
         train.parse_args(["--epochs", "1", "--train_subset", "64", "--output_dir", str(tmp_path)])

@@ -7,11 +7,10 @@ import sys
 import threading
 import warnings
 
+import diffusers  # noqa: F401
 import pytest
 import torch
-
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+import transformers  # noqa: F401
 
 import atc_patch  # noqa: E402
 from atc_patch.patch.diffusers import transformer_blocks  # noqa: E402
@@ -152,7 +151,8 @@ def test_unknown_option_raises_type_error():
     [dict(), dict(merge_crossattn=True, merge_mlp=True, max_downsample=2, sx=2, sy=1)],
 )
 def test_tome_sd_matches_tomesd_package(flags):
-    tomesd = pytest.importorskip("tomesd")
+    import tomesd
+
     ours = unet_of()
     theirs = copy.deepcopy(ours)
     inputs = unet_inputs(ours, batch=2, height=16, width=24)  # non-square latents
@@ -170,7 +170,8 @@ def test_tome_sd_matches_tomesd_package(flags):
 
 def test_kernel_matches_tomesd_random2d_with_same_generator():
     """The merge functions on the same tensors, random destinations from equal generators."""
-    merge = pytest.importorskip("tomesd.merge")
+    from tomesd import merge
+
     x = torch.randn(2, 12 * 10, 16, generator=torch.Generator().manual_seed(0))
     for no_rand in (True, False):
         m, _ = merge.bipartite_soft_matching_random2d(

@@ -9,13 +9,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import mmcv.ops  # noqa: F401
+import mmdet  # noqa: F401
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("mmdet")
-pytest.importorskip("mmcv.ops")
-
 from mmdet.registry import DATASETS, MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
@@ -127,7 +125,8 @@ def test_backbone_builds_from_packaged_config_through_registry():
 
 
 def test_vit_weights_load_from_a_timm_deit_state_dict():
-    timm = pytest.importorskip("timm")
+    import timm
+
     deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)  # random init
     result = ViTAdapter(**T_ARGS).load_state_dict(deit.state_dict(), strict=False)
     vit_prefixes = ("blocks.", "patch_embed.", "pos_embed")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+import timm
 import torch
 from _tome_reference import timm_vit_forward
 
 import atc_patch
 from atc_patch.patch._vit import last_source, merge_attn_mask
 from atc_patch.patch.timm import matches
-
-timm = pytest.importorskip("timm")
 
 # name -> (timm model, overrides); 32 px images with 8 px patches: 16 patches.
 MODELS = {

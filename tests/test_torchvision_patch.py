@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision.models.vision_transformer as tv_vit
 from _tome_reference import torchvision_vit_forward
 
 import atc_patch
 from atc_patch.patch._vit import last_source
 from atc_patch.patch.torchvision import matches
-
-tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
 
 
 def make(layers: int = 3, image: int = 32) -> torch.nn.Module:

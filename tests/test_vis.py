@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from atc_patch.vis import make_visualization
-
-Image = pytest.importorskip("PIL.Image")
 
 
 def _source(labels: list[int], prefix: int) -> torch.Tensor:
@@ -58,7 +57,8 @@ def test_patch_grid_mismatch_is_explained():
 
 
 def test_with_a_patched_model():
-    timm = pytest.importorskip("timm")
+    import timm
+
     import atc_patch
     from atc_patch.vis import last_source
 
