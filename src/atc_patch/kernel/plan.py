@@ -25,6 +25,7 @@ class MergePlan:
             raise ValueError(f"labels must be (B, N), got shape {tuple(labels.shape)}")
         self.labels = labels
         self.num_out = int(num_out)
+        self._identity = False  # set only by MergePlan.identity()
 
     @property
     def num_in(self) -> int:
@@ -33,7 +34,7 @@ class MergePlan:
     @property
     def is_identity(self) -> bool:
         """True when nothing merges and the order is kept (then merge/unmerge return x as is)."""
-        return self.num_out == self.num_in and bool(getattr(self, "_identity", False))
+        return self._identity
 
     @classmethod
     def identity(cls, batch: int, num_tokens: int, device: torch.device | str) -> MergePlan:
