@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from atc_patch.kernel.atc import agglomerative_labels_padded
-from atc_patch.kernel.distance import negative_cosine_padded
+from atc_patch.kernel.atc import agglomerative_labels_ws
+from atc_patch.kernel.distance import negative_cosine_workspace
 
 FRAMEWORKS = ("sklearn", "scipy", "atc_patch")
 
@@ -62,8 +62,8 @@ def scipy_loop(metric: torch.Tensor, k: int, linkage: str) -> list[np.ndarray]:
 def ours(metric: torch.Tensor, k: int, linkage: str, stats: dict | None = None) -> torch.Tensor:
     """atc_patch: the whole batch at once, on the input's device."""
     with torch.no_grad():
-        return agglomerative_labels_padded(
-            negative_cosine_padded(metric), metric.shape[1] - k, linkage, stats
+        return agglomerative_labels_ws(
+            negative_cosine_workspace(metric), metric.shape[1] - k, linkage, stats
         )
 
 

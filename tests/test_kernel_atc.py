@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _rounds_reference import boruvka_rounds, rnn_rounds
 from conftest import same_partition
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
 import atc_patch
-from atc_patch.kernel.atc import agglomerative_labels
+from atc_patch.kernel.atc import Workspace, agglomerative_labels, agglomerative_labels_ws
 from atc_patch.kernel.distance import cosine_distance
 
 LINKAGES = ["single", "complete", "average"]
@@ -110,11 +111,63 @@ def test_slots_ordered_by_smallest_token() -> None:
         assert firsts == sorted(firsts)
 
 
-def test_rounds_are_reported() -> None:
-    dist = cosine_distance(torch.randn(4, 196, 64))
+@pytest.mark.parametrize("linkage_name", LINKAGES)
+@pytest.mark.parametrize(("n", "r"), [(60, 20), (197, 59), (197, 150)])
+def test_rounds_match_the_schedule(linkage_name: str, n: int, r: int) -> None:
+    """The kernel stops as early as its rule allows: a kernel that keeps stale neighbours or
+    misses reciprocal pairs still cuts exactly, only later, and this catches it."""
+    metric = torch.randn(4, n, 16, dtype=torch.float64)
+    dist = cosine_distance(metric)
     stats: dict = {}
-    agglomerative_labels(dist, 59, "average", stats)
-    assert 1 <= stats["rounds"] <= 59 and stats["syncs"] >= stats["rounds"]
+    labels = agglomerative_labels(dist, r, linkage_name, stats)
+    if linkage_name == "single":
+        want = max(boruvka_rounds(dist[i].numpy(), r) for i in range(4))
+    else:
+        want = max(rnn_rounds(dist[i].numpy(), r, linkage_name) for i in range(4))
+    assert stats["rounds"] == want
+    assert stats["syncs"] <= 2 * stats["rounds"] + 1  # host synchronisations per call
+    for i in range(4):
+        assert same_partition(labels[i], scipy_cuts(metric[i], linkage_name, [n - r])[:, 0])
+
+
+@pytest.mark.parametrize("linkage_name", LINKAGES)
+def test_points_on_an_arc(linkage_name: str) -> None:
+    """1-D structure (tokens on an arc): long nearest-neighbour chains, large Borůvka trees."""
+    n = 150
+    angle = torch.rand(3, n, dtype=torch.float64) * 3.0
+    metric = torch.stack([angle.cos(), angle.sin()], dim=-1)
+    for r in (1, n // 4, n // 2, n - 2):
+        labels = atc_patch.cluster_tokens(metric, r=r, linkage=linkage_name).labels
+        for i in range(3):
+            assert same_partition(labels[i], scipy_cuts(metric[i], linkage_name, [n - r])[:, 0])
+
+
+@pytest.mark.parametrize("linkage_name", LINKAGES)
+def test_asymmetric_nearest_neighbour_cycle_does_not_stall(linkage_name: str) -> None:
+    """A matmul may be asymmetric in the last bit; the rounds read rows, so a near-tie can form
+    a 3-cycle of nearest neighbours with no reciprocal pair. It must still finish."""
+    d = torch.tensor([[0.0, 1.0, 3.0, 9.0], [3.0, 0.0, 1.0, 9.0], [1.0, 3.0, 0.0, 9.0]])
+    d = torch.cat([d, torch.tensor([[9.0, 9.0, 9.0, 0.0]])])[None].double()
+    for r in (1, 2, 3):
+        ws = Workspace.empty(1, 4, d.dtype, d.device)
+        ws.d[:, :4, :4] = d
+        labels = agglomerative_labels_ws(ws.finish(), r, linkage_name)
+        assert labels.shape == (1, 4) and labels.unique().numel() == 4 - r
+
+
+@pytest.mark.parametrize("linkage_name", LINKAGES)
+def test_exact_ties_finish_with_valid_labels(linkage_name: str) -> None:
+    """Duplicated tokens (flat image regions) tie exactly; ties may break either way, but every
+    slot is used and the call finishes."""
+    base = torch.randn(2, 6, 8)
+    metric = base.repeat_interleave(7, dim=1)  # 42 tokens, 6 distinct
+    metric[1, :20] = 1.0  # 20 identical tokens
+    for r in (5, 30, 36, 41):
+        labels = atc_patch.cluster_tokens(metric, r=r, linkage=linkage_name).labels
+        for row in labels:
+            assert row.unique().numel() == 42 - r and int(row.max()) == 41 - r
+        if r == 36:  # exactly the 6 distinct tokens remain in sample 0
+            assert same_partition(labels[0], torch.arange(42) // 7)
 
 
 def test_batch_elements_are_independent() -> None:

@@ -10,6 +10,7 @@ x, size = plan.merge_wavg(x, size)
 
 from .kernel import LINKAGES, METHODS, cluster_tokens
 from .kernel.plan import MergePlan
+from .kernel.scratch import release_workspace
 from .patch import apply_patch, patch_settings, remove_patch
 from .patch._vit import last_source
 from .schedule import Schedule, make_schedule
@@ -26,5 +27,6 @@ __all__ = [
     "last_source",
     "make_schedule",
     "patch_settings",
+    "release_workspace",
     "remove_patch",
 ]

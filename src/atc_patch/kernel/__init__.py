@@ -15,15 +15,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .atc import LINKAGES, agglomerative_labels_padded
+from .atc import LINKAGES, agglomerative_labels_ws
 from .bipartite import bipartite_plan, bipartite_random2d_plan
 from .centers import dpcknn_labels, kmedoids_labels
-from .distance import cosine_distance, negative_cosine_padded
+from .distance import cosine_distance, negative_cosine_workspace
 from .plan import MergePlan
+from .scratch import release_workspace
 
 METHODS = ("atc", "tome", "tome_sd", "kmedoids", "dpcknn")
 
-__all__ = ["LINKAGES", "METHODS", "MergePlan", "cluster_tokens", "max_reduction"]
+__all__ = [
+    "LINKAGES",
+    "METHODS",
+    "MergePlan",
+    "cluster_tokens",
+    "max_reduction",
+    "release_workspace",
+]
 
 
 def max_reduction(method: str, num_tokens: int, protected: int = 0) -> int:
@@ -88,8 +96,8 @@ def cluster_tokens(
     with torch.no_grad():
         free = metric[:, protected:]
         if method == "atc":
-            labels = agglomerative_labels_padded(
-                negative_cosine_padded(free), r, linkage or "average"
+            labels = agglomerative_labels_ws(
+                negative_cosine_workspace(free), r, linkage or "average"
             )
         elif method == "kmedoids":
             labels = kmedoids_labels(cosine_distance(free), n - protected - r, iters)

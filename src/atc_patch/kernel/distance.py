@@ -5,22 +5,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .atc import Workspace, padded_width
+from .scratch import scratch
+
 
 def working_dtype(x: Tensor) -> torch.dtype:
     """float64 stays float64; every other floating dtype (fp16, bf16, fp32) is clustered in fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def normalize_tokens(metric: Tensor) -> Tensor:
-    """Unit-normalise ``(B, N, C)`` token vectors in the working dtype.
+def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
+    """Unit-normalise ``(B, N, C)`` token vectors in the working dtype (into ``out`` if given).
 
     Non-finite entries (NaN, +-inf) are replaced by 0 before normalising, and a vector whose
     norm is 0 stays the zero vector, so its cosine similarity to every token is 0 (cosine
-    distance 1). The result is always finite.
+    distance 1). The result is always finite. (The sanitising pass runs only when some norm is
+    not finite, which a non-finite entry always causes.)
     """
-    x = torch.nan_to_num(metric.to(working_dtype(metric)), nan=0.0, posinf=0.0, neginf=0.0)
-    norm = x.norm(dim=-1, keepdim=True)
-    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), x)
+    x = metric.to(working_dtype(metric))
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if not bool(torch.isfinite(norm).all()):
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.div(x, norm.clamp_min_(torch.finfo(x.dtype).tiny), out=out)
 
 
 def cosine_distance(metric: Tensor) -> Tensor:
@@ -29,26 +36,19 @@ def cosine_distance(metric: Tensor) -> Tensor:
     return (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
 
 
-def negative_cosine(metric: Tensor) -> Tensor:
-    """``(B, N, C)`` -> ``(B, N, N)`` ``-cos``: cosine distance minus 1, in a single matmul.
+def negative_cosine_workspace(metric: Tensor) -> Workspace:
+    """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, built by one matmul.
 
-    Hierarchical clustering with single, complete or average linkage gives the same
-    dendrogram (heights shifted by 1) for any increasing affine map of the distances, so ATC
-    clusters on this and saves a pass over the ``N x N`` matrix.
+    The unit vectors go into a zero-padded ``(B, W, C)`` buffer and one ``baddbmm`` (``alpha =
+    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout; the scratch row and
+    padding columns (zero products) are then set to ``inf``.
     """
-    x = normalize_tokens(metric)
-    return x @ (-x).transpose(-1, -2)
-
-
-def negative_cosine_padded(metric: Tensor) -> Tensor:
-    """``(B, N, C)`` -> ``(B, N+1, N+1)``: :func:`negative_cosine` plus an ``inf`` last row/column.
-
-    The padded layout is what :func:`~atc_patch.kernel.atc.agglomerative_labels_padded` works
-    in; building it here writes the matrix once.
-    """
-    x = normalize_tokens(metric)
-    x = torch.nn.functional.pad(x, (0, 0, 0, 1))
-    d = x @ (-x).transpose(-1, -2)
-    d[:, -1, :] = float("inf")
-    d[:, :, -1] = float("inf")
-    return d
+    b, n, c = metric.shape
+    width = padded_width(n)
+    dtype = working_dtype(metric)
+    units = scratch("atc.units", (b, width, c), dtype, metric.device)
+    units[:, n:].zero_()
+    normalize_tokens(metric, out=units[:, :n])
+    ws = Workspace.empty(b, n, dtype, metric.device)
+    ws.d.baddbmm_(units[:, : n + 1], units.transpose(1, 2), beta=0, alpha=-1)
+    return ws.finish()
