@@ -121,41 +121,51 @@ def agglomerative_labels_ws(
     if r <= 0:
         return torch.arange(m, device=ws.d.device).expand(b, m).clone()
     counter = {"rounds": 0, "syncs": 0}
-    if linkage == "single":
-        parent, height, when = _boruvka_rounds(ws, r, counter)
-        labels = canonical_labels(_cut(parent, height, when, r=r, max_depth=m), m - r)
-    else:
-        parent, height, when = _rnn_rounds(ws, r, linkage, counter)
-        labels = _cut(parent, height, when, r=r, max_depth=counter["rounds"])
+    with torch.inference_mode():  # no autograd bookkeeping on the many small ops
+        if linkage == "single":
+            parent, height, when = _boruvka_rounds(ws, r, counter)
+            labels = canonical_labels(_cut(parent, height, when, r=r, max_depth=m), m - r)
+        else:
+            parent, height, when = _rnn_rounds(ws, r, linkage, counter)
+            labels = _cut(parent, height, when, r=r, max_depth=counter["rounds"])
     if stats is not None:
         stats.update(counter)
-    return labels
+    return labels.clone()  # a normal tensor: callers may use it in autograd graphs
 
 
 def _row_argmin(rows: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Minimum and its first index along the last dim of ``rows`` ``(B, n, W)``, ``W % block == 0``.
+    """Minimum and its index along the last dim of ``rows`` ``(B, n, W)``, ``W % block == 0``.
 
-    A block-wise ``amin`` (one vectorised pass) finds the best block; the index is then taken
-    inside that block only. On the CPU this is about twice as fast as ``torch.min`` with
-    indices. Ties go to the lowest index, as ``torch.min`` does.
+    On the CPU ``torch.min`` with indices costs several times a plain ``amin``, so the index
+    is found in two steps over a ``(W / block, block)`` view of each row: a vectorised ``amin``
+    over one axis, then the index along the other, small, axis. Narrow rows reduce across
+    blocks first (lane ``l`` = every ``block``-th column), wide rows within blocks first.
+    Exact ties go to the first column in that fixed order, which is all the rounds need.
     """
     b, n, w = rows.shape
     blocks = rows.view(b, n, w // block, block)
-    value, best = blocks.amin(dim=3).min(dim=2)
     sample = torch.arange(b, device=rows.device)[:, None]
-    inside = blocks[sample, torch.arange(n, device=rows.device), best]  # (B, n, block)
+    row = torch.arange(n, device=rows.device)
+    if w <= 1024:  # lanes: (B, n, block) minima, then the block inside the best lane
+        value, lane = blocks.amin(dim=2).min(dim=2)
+        inside = blocks.transpose(2, 3)[sample, row, lane]  # (B, n, W / block)
+        return value, inside.argmin(dim=2) * block + lane
+    value, best = blocks.amin(dim=3).min(dim=2)
+    inside = blocks[sample, row, best]  # (B, n, block)
     return value, best * block + inside.argmin(dim=2)
 
 
-def _lance_williams(a: Tensor, b: Tensor, wa: Tensor, wb: Tensor, linkage: str) -> Tensor:
+def _lance_williams(
+    a: Tensor, b: Tensor, wa: Tensor | None, wb: Tensor | None, linkage: str
+) -> Tensor:
     """Distances to ``A ∪ B`` from distances ``a`` to A and ``b`` to B, in place in ``a``.
 
     complete: ``max``; average: ``wa * a + wb * b`` with ``wa = n_A / (n_A + n_B)`` (``inf``
-    stays ``inf``; ``b`` is overwritten).
+    stays ``inf``).
     """
     if linkage == "complete":
         return torch.maximum(a, b, out=a)
-    return a.mul_(wa).add_(b.mul_(wb))
+    return a.mul_(wa).addcmul_(b, wb)
 
 
 def _pack(mask: Tensor, width: int, fill: int) -> Tensor:
@@ -171,12 +181,11 @@ def _pack(mask: Tensor, width: int, fill: int) -> Tensor:
 
 
 def _rows(flat: Tensor, index: Tensor, name: str) -> Tensor:
-    """Rows ``index`` ``(B, K)`` of ``flat`` ``(B*(M+1), W)``: ``(B, K, W)`` in scratch memory."""
+    """Rows ``index`` ``(B, K)`` (flat row numbers) of ``flat`` ``(B*(M+1), W)``:
+    ``(B, K, W)`` in scratch memory."""
     b, k = index.shape
-    m1 = flat.shape[0] // b
-    offsets = torch.arange(b, device=index.device)[:, None] * m1
     out = scratch(name, (b * k, flat.shape[1]), flat.dtype, flat.device)
-    return torch.index_select(flat, 0, (index + offsets).view(-1), out=out).view(b, k, -1)
+    return torch.index_select(flat, 0, index.view(-1), out=out).view(b, k, -1)
 
 
 def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
@@ -206,44 +215,55 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
     when = torch.full((b, m1), m, device=device, dtype=torch.long)
     inf = torch.tensor(_INF, device=device, dtype=dtype)
     dmin, nn = _full_scan(d, alive, block)
+    todo = torch.ones(b, 1, device=device, dtype=torch.bool)
     rescanned = False
     while True:
         mutual = (nn.gather(1, nn) == pos) & (pos < nn) & (dmin < _INF)
-        todo = torch.ones(b, device=device, dtype=torch.bool)
         if counter["rounds"] > 0:  # a sample is done once r recorded merges are no higher
-            todo = (height[:, :m] <= dmin.amin(dim=1, keepdim=True)).sum(dim=1) < r
-            mutual &= todo[:, None]
-        k, done = torch.stack([mutual.sum(dim=1).max(), (~todo).all()]).tolist()
+            todo = (height[:, :m] <= dmin.amin(dim=1, keepdim=True)).sum(dim=1, keepdim=True) < r
+            mutual &= todo
         counter["syncs"] += 1
-        if done:
+        k, unfinished = torch.stack([mutual.sum(dim=1).max(), todo.sum()]).tolist()
+        if unfinished == 0:
             break
         if k == 0:  # an unfinished sample without a reciprocal pair: exact ties in kept
             if not rescanned:  # neighbours, or a matmul's last-bit asymmetry
                 dmin, nn = _full_scan(d, alive, block, penalty)
                 rescanned = True
                 continue
-            mutual, nn, dmin = _closest_pair(dmin, nn, pos, todo)
+            mutual, nn, dmin = _closest_pair(dmin, nn, pos, todo[:, 0])
             k = 1
         rescanned = False
         i = _pack(mutual, k, fill=m)  # (B, K): i absorbs j = nn[i] (i < j); padding -> sink
         j = nn.gather(1, i)
-        valid = i < m
         parent.scatter_(1, j, i)
         height.scatter_(1, j, dmin.gather(1, i))
-        when.scatter_(1, j, torch.full_like(j, counter["rounds"]))
-        n_i, n_j = size.gather(1, i), size.gather(1, j)
-        total = torch.where(valid, n_i + n_j, 1.0)
-        w_i, w_j = (n_i / total)[:, :, None], (n_j / total)[:, :, None]
+        when.scatter_(1, j, counter["rounds"])
+        w_i = w_j = None
+        if linkage == "average":
+            n_i, n_j = size.gather(1, i), size.gather(1, j)
+            total = n_i + n_j
+            w_i, w_j = (n_i / total)[:, :, None], (n_j / total)[:, :, None]
+            size.scatter_(1, i, total)
+            size[:, m] = 1.0  # padding merges the sink with itself: keep its weight finite
 
         new = _lance_williams(
-            _rows(flat, i, "atc.rows_i"), _rows(flat, j, "atc.rows_j"), w_i, w_j, linkage
+            _rows(flat, i + offsets, "atc.rows_i"),
+            _rows(flat, j + offsets, "atc.rows_j"),
+            w_i,
+            w_j,
+            linkage,
         )
         cols_i = i[:, None, :].expand(b, k, k)
         cols_j = j[:, None, :].expand(b, k, k)
         # Merged-to-merged distances combine 4 old clusters; combining rows first or columns
         # first may differ in the last bit for average linkage: keep the smaller, symmetric.
         block4 = _lance_williams(
-            new.gather(2, cols_i), new.gather(2, cols_j), w_i.mT, w_j.mT, linkage
+            new.gather(2, cols_i),
+            new.gather(2, cols_j),
+            None if w_i is None else w_i.mT,
+            None if w_j is None else w_j.mT,
+            linkage,
         )
         block4 = torch.minimum(block4, block4.mT)
         block4.diagonal(dim1=1, dim2=2).fill_(_INF)
@@ -255,17 +275,16 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
 
         alive.scatter_(1, j, False)
         penalty.scatter_(1, j, inf.expand(b, k))
-        size.scatter_(1, i, total)
         merged = torch.zeros_like(alive).scatter_(1, i, True).scatter_(1, j, True)
         touched = merged.gather(1, nn) & alive & ~merged  # their nearest neighbour is gone
         value, index = _row_argmin(new.add_(penalty[:, None, :]), block)
-        dmin = dmin.scatter(1, i, value).masked_fill_(~alive, _INF)
-        nn = torch.where(alive, nn.scatter(1, i, index), m)
+        dmin = dmin.scatter_(1, i, value).masked_fill_(~alive, _INF)
+        nn = nn.scatter_(1, i, index).masked_fill_(~alive, m)
         counter["syncs"] += 1
         a = int(touched.sum(dim=1).max())
         if a:
             sel = _pack(touched, a, fill=m)  # padding -> the scratch row and the sink entry
-            rows = _rows(flat, sel, "atc.rows_j").add_(penalty[:, None, :])
+            rows = _rows(flat, sel + offsets, "atc.rows_j").add_(penalty[:, None, :])
             value, index = _row_argmin(rows, block)
             dmin.scatter_(1, sel, value)
             nn.scatter_(1, sel, index)
@@ -393,10 +412,12 @@ def _cut(parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int) -
     """
     b, m = parent.shape
     tokens = torch.arange(m, device=parent.device).expand(b, m)
-    by_round = when.argsort(dim=1, stable=True)
-    by_height = height.gather(1, by_round).argsort(dim=1, stable=True)
-    chosen = by_round.gather(1, by_height)[:, :r]
-    is_edge = torch.zeros_like(parent, dtype=torch.bool).scatter_(1, chosen, True)
+    is_edge = height <= height.kthvalue(r, dim=1, keepdim=True).values
+    if bool((is_edge.sum(dim=1) != r).any()):  # tied heights at the cut: order by round
+        by_round = when.argsort(dim=1, stable=True)
+        by_height = height.gather(1, by_round).argsort(dim=1, stable=True)
+        chosen = by_round.gather(1, by_height)[:, :r]
+        is_edge = torch.zeros_like(parent, dtype=torch.bool).scatter_(1, chosen, True)
     root = torch.where(is_edge, parent, tokens)
     for _ in range(max(1, math.ceil(math.log2(max_depth + 1)))):
         root = root.gather(1, root)

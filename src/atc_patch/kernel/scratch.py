@@ -32,7 +32,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     buf = buffers.get((name, dtype))
     if buf is None or buf.numel() < numel:
         buffers[(name, dtype)] = None  # free the old one before allocating the new one
-        buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, writable in and out of that mode
+            buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
