@@ -24,8 +24,9 @@ set, so cutting there gives the partition of ``scipy.cluster.hierarchy.linkage``
   (an edge of the minimum spanning tree, whose ``r`` lowest edges are the ``r`` lowest
   single-linkage merges); rows are min-reduced by component and columns are never touched.
 
-Host synchronisations: two per round for complete/average, two for single (a width that is a
-tensor shape, and the stop test). No numpy, no per-sample loop.
+Host synchronisations (``stats["syncs"]``): two per round (a width that is a tensor shape, and
+the stop test), one for the cut; the cosine workspace adds one (are all norms finite?). Rounds
+are few: 3-4 for 196 tokens, 4-10 for 4096. No numpy, no per-sample loop.
 """
 
 from __future__ import annotations
@@ -124,10 +125,11 @@ def agglomerative_labels_ws(
     with torch.inference_mode():  # no autograd bookkeeping on the many small ops
         if linkage == "single":
             parent, height, when = _boruvka_rounds(ws, r, counter)
-            labels = canonical_labels(_cut(parent, height, when, r=r, max_depth=m), m - r)
+            labels = _cut(parent, height, when, r, max_depth=m, counter=counter)
+            labels = canonical_labels(labels, m - r)
         else:
             parent, height, when = _rnn_rounds(ws, r, linkage, counter)
-            labels = _cut(parent, height, when, r=r, max_depth=counter["rounds"])
+            labels = _cut(parent, height, when, r, max_depth=counter["rounds"], counter=counter)
     if stats is not None:
         stats.update(counter)
     return labels.clone()  # a normal tensor: callers may use it in autograd graphs
@@ -198,99 +200,190 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
 
     Dead clusters' columns are not cleared in ``ws.d``: every scan reads a copy of its rows
     and adds ``penalty`` (``inf`` at dead columns). A sample whose ``r`` lowest merges are
-    known stops merging, so the other samples' rounds are no wider than they need.
+    known stops merging; once at most half of a batch of 8 or more is unfinished, the rounds
+    go on with those samples only (a copy of their matrices), since late rounds are many
+    small operations whose cost grows with the batch.
     """
-    d, m, block = ws.d, ws.m, ws.block
-    b, m1, w = d.shape
-    device, dtype = d.device, d.dtype
-    flat = d.view(b * m1, w)
-    offsets = torch.arange(b, device=device)[:, None] * m1
-    pos = torch.arange(m1, device=device).expand(b, m1)
-    alive = pos < m
-    penalty = torch.zeros(b, w, device=device, dtype=dtype)  # inf at dead and padding columns
-    penalty[:, m:] = _INF
-    size = torch.ones(b, m1, device=device, dtype=dtype)
-    parent = pos.clone()
-    height = torch.full((b, m1), _INF, device=device, dtype=dtype)
-    when = torch.full((b, m1), m, device=device, dtype=torch.long)
-    inf = torch.tensor(_INF, device=device, dtype=dtype)
-    dmin, nn = _full_scan(d, alive, block)
-    todo = torch.ones(b, 1, device=device, dtype=torch.bool)
+    m, block = ws.m, ws.block
+    st = _RoundState.start(ws.d, m, block)
+    records = st.parent, st.height, st.when  # the whole batch's; st's may become a subset
+    batch = None  # the whole-batch sample of each of st's samples, once a subset
+    inf = torch.tensor(_INF, device=st.d.device, dtype=st.d.dtype)
     rescanned = False
     while True:
-        mutual = (nn.gather(1, nn) == pos) & (pos < nn) & (dmin < _INF)
+        b, m1, w = st.d.shape
+        mutual = (st.nn.gather(1, st.nn) == st.pos) & (st.pos < st.nn) & (st.dmin < _INF)
+        todo = torch.ones(b, 1, device=st.d.device, dtype=torch.bool)
         if counter["rounds"] > 0:  # a sample is done once r recorded merges are no higher
-            todo = (height[:, :m] <= dmin.amin(dim=1, keepdim=True)).sum(dim=1, keepdim=True) < r
+            low = st.height[:, :m] <= st.dmin.amin(dim=1, keepdim=True)
+            todo = low.sum(dim=1, keepdim=True) < r
             mutual &= todo
         counter["syncs"] += 1
         k, unfinished = torch.stack([mutual.sum(dim=1).max(), todo.sum()]).tolist()
         if unfinished == 0:
             break
+        if b >= 8 and 2 * unfinished <= b:
+            keep = todo[:, 0].nonzero()[:, 0]
+            if batch is not None:
+                _write_back(records, batch, st)
+            batch = keep if batch is None else batch[keep]
+            st = st.subset(keep, name=f"atc.subset{counter['rounds'] % 2}")
+            continue
         if k == 0:  # an unfinished sample without a reciprocal pair: exact ties in kept
             if not rescanned:  # neighbours, or a matmul's last-bit asymmetry
-                dmin, nn = _full_scan(d, alive, block, penalty)
+                st.dmin, st.nn = _full_scan(st.d, st.alive, block, st.penalty)
                 rescanned = True
                 continue
-            mutual, nn, dmin = _closest_pair(dmin, nn, pos, todo[:, 0])
+            mutual, st.nn, st.dmin = _closest_pair(st.dmin, st.nn, st.pos, todo[:, 0])
             k = 1
         rescanned = False
-        i = _pack(mutual, k, fill=m)  # (B, K): i absorbs j = nn[i] (i < j); padding -> sink
-        j = nn.gather(1, i)
-        parent.scatter_(1, j, i)
-        height.scatter_(1, j, dmin.gather(1, i))
-        when.scatter_(1, j, counter["rounds"])
-        w_i = w_j = None
-        if linkage == "average":
-            n_i, n_j = size.gather(1, i), size.gather(1, j)
-            total = n_i + n_j
-            w_i, w_j = (n_i / total)[:, :, None], (n_j / total)[:, :, None]
-            size.scatter_(1, i, total)
-            size[:, m] = 1.0  # padding merges the sink with itself: keep its weight finite
-
-        new = _lance_williams(
-            _rows(flat, i + offsets, "atc.rows_i"),
-            _rows(flat, j + offsets, "atc.rows_j"),
-            w_i,
-            w_j,
-            linkage,
-        )
-        cols_i = i[:, None, :].expand(b, k, k)
-        cols_j = j[:, None, :].expand(b, k, k)
-        # Merged-to-merged distances combine 4 old clusters; combining rows first or columns
-        # first may differ in the last bit for average linkage: keep the smaller, symmetric.
-        block4 = _lance_williams(
-            new.gather(2, cols_i),
-            new.gather(2, cols_j),
-            None if w_i is None else w_i.mT,
-            None if w_j is None else w_j.mT,
-            linkage,
-        )
-        block4 = torch.minimum(block4, block4.mT)
-        block4.diagonal(dim1=1, dim2=2).fill_(_INF)
-        new.scatter_(2, cols_i, block4)
-        flat.index_copy_(0, (i + offsets).view(-1), new.view(b * k, w))
-        columns = scratch("atc.rows_j", (b, m1, k), dtype, device)  # rows_j is spent
-        d.scatter_(2, i[:, None, :].expand(b, m1, k), columns.copy_(new[:, :, :m1].mT))
+        touched = _merge_pairs(st, mutual, k, linkage, counter["rounds"], inf)
         counter["rounds"] += 1
-
-        alive.scatter_(1, j, False)
-        penalty.scatter_(1, j, inf.expand(b, k))
-        merged = torch.zeros_like(alive).scatter_(1, i, True).scatter_(1, j, True)
-        touched = merged.gather(1, nn) & alive & ~merged  # their nearest neighbour is gone
-        value, index = _row_argmin(new.add_(penalty[:, None, :]), block)
-        dmin = dmin.scatter_(1, i, value).masked_fill_(~alive, _INF)
-        nn = nn.scatter_(1, i, index).masked_fill_(~alive, m)
-        counter["syncs"] += 1
-        a = int(touched.sum(dim=1).max())
-        if a:
-            sel = _pack(touched, a, fill=m)  # padding -> the scratch row and the sink entry
-            rows = _rows(flat, sel + offsets, "atc.rows_j").add_(penalty[:, None, :])
-            value, index = _row_argmin(rows, block)
-            dmin.scatter_(1, sel, value)
-            nn.scatter_(1, sel, index)
-        dmin[:, m] = _INF
-        nn[:, m] = m
+        _rescan(st, touched, counter)
+    if batch is not None:
+        _write_back(records, batch, st)
+    parent, height, when = records
     return parent[:, :m], height[:, :m], when[:, :m]
+
+
+@dataclass
+class _RoundState:
+    """Per-sample state of :func:`_rnn_rounds`: the matrix ``d`` ``(B, M+1, W)`` and
+    ``(B, M+1)`` rows: alive, size, nearest neighbour (``dmin``, ``nn``), merge records, and
+    ``penalty`` ``(B, W)`` (``inf`` at dead and padding columns)."""
+
+    d: Tensor
+    m: int
+    block: int
+    alive: Tensor
+    penalty: Tensor
+    size: Tensor
+    parent: Tensor
+    height: Tensor
+    when: Tensor
+    dmin: Tensor
+    nn: Tensor
+
+    @classmethod
+    def start(cls, d: Tensor, m: int, block: int) -> _RoundState:
+        """The state before round 0: every token alive, its nearest neighbour scanned."""
+        b, m1, w = d.shape
+        pos = torch.arange(m1, device=d.device).expand(b, m1)
+        alive = pos < m
+        penalty = torch.zeros(b, w, device=d.device, dtype=d.dtype)
+        penalty[:, m:] = _INF
+        dmin, nn = _full_scan(d, alive, block)
+        return cls(
+            d=d,
+            m=m,
+            block=block,
+            alive=alive,
+            penalty=penalty,
+            size=torch.ones(b, m1, device=d.device, dtype=d.dtype),
+            parent=pos.clone(),
+            height=torch.full((b, m1), _INF, device=d.device, dtype=d.dtype),
+            when=torch.full((b, m1), m, device=d.device, dtype=torch.long),
+            dmin=dmin,
+            nn=nn,
+        )
+
+    @property
+    def pos(self) -> Tensor:
+        return torch.arange(self.d.shape[1], device=self.d.device).expand(self.d.shape[:2])
+
+    @property
+    def offsets(self) -> Tensor:
+        """``(B, 1)``: the flat row number of each sample's row 0."""
+        return torch.arange(self.d.shape[0], device=self.d.device)[:, None] * self.d.shape[1]
+
+    def subset(self, keep: Tensor, name: str) -> _RoundState:
+        """The samples ``keep`` ``(b,)``; their matrices are copied into scratch ``name``."""
+        d = scratch(name, (keep.numel(), *self.d.shape[1:]), self.d.dtype, self.d.device)
+        torch.index_select(self.d, 0, keep, out=d)
+        rows = {f: getattr(self, f).index_select(0, keep) for f in _PER_SAMPLE}
+        return _RoundState(d=d, m=self.m, block=self.block, **rows)
+
+
+_PER_SAMPLE = ("alive", "penalty", "size", "parent", "height", "when", "dmin", "nn")
+
+
+def _write_back(records: tuple[Tensor, Tensor, Tensor], batch: Tensor, st: _RoundState) -> None:
+    """Copy the subset ``st``'s merge records into the whole batch's, at samples ``batch``."""
+    for full, part in zip(records, (st.parent, st.height, st.when), strict=True):
+        full.index_copy_(0, batch, part)
+
+
+def _merge_pairs(
+    st: _RoundState, mutual: Tensor, k: int, linkage: str, round_no: int, inf: Tensor
+) -> Tensor:
+    """Merge every pair marked in ``mutual`` (at its smaller position): records, sizes, the
+    merged rows and columns of ``st.d`` (Lance-Williams), and the merged rows' neighbours.
+
+    Returns ``(B, M+1)``: the surviving rows whose nearest neighbour was merged."""
+    d, m, block = st.d, st.m, st.block
+    b, m1, w = d.shape
+    flat, offsets = d.view(b * m1, w), st.offsets
+    i = _pack(mutual, k, fill=m)  # (B, K): i absorbs j = nn[i] (i < j); padding -> sink
+    j = st.nn.gather(1, i)
+    st.parent.scatter_(1, j, i)
+    st.height.scatter_(1, j, st.dmin.gather(1, i))
+    st.when.scatter_(1, j, round_no)
+    w_i = w_j = None
+    if linkage == "average":
+        n_i, n_j = st.size.gather(1, i), st.size.gather(1, j)
+        total = n_i + n_j
+        w_i, w_j = (n_i / total)[:, :, None], (n_j / total)[:, :, None]
+        st.size.scatter_(1, i, total)
+        st.size[:, m] = 1.0  # padding merges the sink with itself: keep its weight finite
+
+    new = _lance_williams(
+        _rows(flat, i + offsets, "atc.rows_i"),
+        _rows(flat, j + offsets, "atc.rows_j"),
+        w_i,
+        w_j,
+        linkage,
+    )
+    cols_i = i[:, None, :].expand(b, k, k)
+    # Merged-to-merged distances combine 4 old clusters (Lance-Williams once more).
+    block4 = _lance_williams(
+        new.gather(2, cols_i),
+        new.gather(2, j[:, None, :].expand(b, k, k)),
+        None if w_i is None else w_i.mT,
+        None if w_j is None else w_j.mT,
+        linkage,
+    )
+    if linkage == "average":  # rows first or columns first may differ in the last bit
+        block4 = torch.minimum(block4, block4.mT)
+    block4.diagonal(dim1=1, dim2=2).fill_(_INF)
+    new.scatter_(2, cols_i, block4)
+    flat.index_copy_(0, (i + offsets).view(-1), new.view(b * k, w))
+    columns = scratch("atc.rows_j", (b, m1, k), d.dtype, d.device)  # rows_j is spent
+    d.scatter_(2, i[:, None, :].expand(b, m1, k), columns.copy_(new[:, :, :m1].mT))
+
+    st.alive.scatter_(1, j, False)
+    st.penalty.scatter_(1, j, inf.expand(b, k))
+    merged = torch.zeros_like(st.alive).scatter_(1, i, True).scatter_(1, j, True)
+    touched = merged.gather(1, st.nn) & st.alive & ~merged
+    value, index = _row_argmin(new.add_(st.penalty[:, None, :]), block)
+    st.dmin = st.dmin.scatter_(1, i, value).masked_fill_(~st.alive, _INF)
+    st.nn = st.nn.scatter_(1, i, index).masked_fill_(~st.alive, m)
+    return touched
+
+
+def _rescan(st: _RoundState, rows_to_scan: Tensor, counter: dict) -> None:
+    """Recompute ``st.dmin`` / ``st.nn`` of the rows marked in ``rows_to_scan`` ``(B, M+1)``."""
+    d, m = st.d, st.m
+    b, m1, w = d.shape
+    counter["syncs"] += 1
+    a = int(rows_to_scan.sum(dim=1).max())
+    if a:
+        sel = _pack(rows_to_scan, a, fill=m)  # padding -> the scratch row and the sink entry
+        rows = _rows(d.view(b * m1, w), sel + st.offsets, "atc.rows_j")
+        value, index = _row_argmin(rows.add_(st.penalty[:, None, :]), st.block)
+        st.dmin.scatter_(1, sel, value)
+        st.nn.scatter_(1, sel, index)
+    st.dmin[:, m] = _INF
+    st.nn[:, m] = m
 
 
 def _full_scan(
@@ -403,7 +496,9 @@ def _cycle_roots(ptr: Tensor, pos: Tensor) -> Tensor:
     return low.gather(1, hop)
 
 
-def _cut(parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int) -> Tensor:
+def _cut(
+    parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int, counter: dict
+) -> Tensor:
     """Apply the ``r`` lowest merges (ties: earlier round first) and label the clusters.
 
     The chosen merges form a forest over tokens (each token is absorbed at most once);
@@ -413,6 +508,7 @@ def _cut(parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int) -
     b, m = parent.shape
     tokens = torch.arange(m, device=parent.device).expand(b, m)
     is_edge = height <= height.kthvalue(r, dim=1, keepdim=True).values
+    counter["syncs"] += 1
     if bool((is_edge.sum(dim=1) != r).any()):  # tied heights at the cut: order by round
         by_round = when.argsort(dim=1, stable=True)
         by_height = height.gather(1, by_round).argsort(dim=1, stable=True)
