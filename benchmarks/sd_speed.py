@@ -15,7 +15,10 @@ Step time: median wall time of ``--repeats`` UNet calls after ``--warmup`` calls
 Peak memory (CPU): the process's peak resident set size during the timed calls above the
 resident size just before them, read from ``VmHWM`` in ``/proc/self/status`` after resetting
 it through ``/proc/self/clear_refs`` (Linux >= 4.0). On CUDA: ``torch.cuda.max_memory_allocated``
-above the allocation before the call. Writes ``<out_dir>/sd_speed.csv`` and ``sd_speed.png``.
+above the allocation before the call. ATC keeps its CPU buffers between calls (they are part of
+the baseline after the warm-up call): ``kept MB`` reports them, and they are released after
+every configuration (``atc_patch.release_workspace``).
+Writes ``<out_dir>/sd_speed.csv`` and ``sd_speed.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import atc_patch
+from atc_patch.kernel.scratch import release_workspace, workspace_bytes
 from atc_patch.sd_models import KINDS, build_unet, unet_inputs
 
 METHODS = ("unpatched", "tomesd", "tome_sd", "atc-single", "atc-complete", "atc-average")
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = configs(a.methods, a.ratios)
     times: dict[Config, list[float]] = {c: [] for c in todo}
     peaks: dict[Config, list[float]] = {c: [] for c in todo}
+    kept: dict[Config, float] = {}
     # Rounds interleave the configurations, so a noisy neighbour slows all of them alike.
     bar = tqdm(total=len(todo) * a.rounds, desc=f"{a.unet} {a.latent}px-latent b{a.batch}")
     for _ in range(a.rounds):
@@ -188,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg.apply(unet)
             try:
                 step, peak = measure(unet, args, a.warmup, a.repeats)
+                kept[cfg] = workspace_bytes() / 2**20  # ATC's buffers, kept between calls
             finally:
                 cfg.remove(unet)
+                release_workspace()  # every configuration starts without them
             times[cfg].append(step)
             if peak is not None:
                 peaks[cfg].append(peak)
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             ratio=c.ratio,
             step_s=round(statistics.median(times[c]), 4),
             peak_mb=round(max(peaks[c]), 1) if peaks[c] else "",
+            kept_mb=round(kept[c], 1),
         )
         for c in todo
     ]
@@ -217,11 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     plot(rows, a.out_dir / "sd_speed.png")
     print(f"\n{a.unet} UNet, {a.latent}x{a.latent} latents, batch {a.batch}, "
           f"{torch.get_num_threads()} threads, device {a.device}")  # fmt: skip
-    print(f"{'method':<14}{'ratio':>6}{'step s':>10}{'peak MB':>10}{'vs tomesd':>11}")
+    print(
+        f"{'method':<14}{'ratio':>6}{'step s':>10}{'peak MB':>10}{'kept MB':>10}{'vs tomesd':>11}"
+    )
     for r in rows:
         print(
             f"{r['method']:<14}{r['ratio']:>6}{r['step_s']:>10}{r['peak_mb']!s:>10}"
-            f"{r['vs_tomesd']!s:>11}"
+            f"{r['kept_mb']!s:>10}{r['vs_tomesd']!s:>11}"
         )
     print(f"wrote {csv_path} and {a.out_dir / 'sd_speed.png'}")
 
