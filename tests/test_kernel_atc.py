@@ -148,6 +148,22 @@ def test_wide_batch_finishing_at_different_rounds(linkage_name: str) -> None:
     ]
     assert len(set(per_sample)) > 1  # the samples really finish at different rounds
     assert stats["rounds"] == max(per_sample)
+    if linkage_name != "single":
+        assert stats["subsets"] >= 1
+    for i in range(b):
+        assert same_partition(labels[i], scipy_cuts(metric[i], linkage_name, [n - r])[:, 0]), i
+
+
+@pytest.mark.parametrize("linkage_name", ["complete", "average"])
+def test_repeated_batch_subsets(linkage_name: str) -> None:
+    """A wide batch with a deep cut shrinks several times (here at rounds of the same parity,
+    which once made a subset copy read and write the same buffer); every sample still gets
+    its own partition."""
+    b, n, r = 128, 64, 56
+    metric = torch.randn(b, n, 16, dtype=torch.float64)
+    stats: dict = {}
+    labels = agglomerative_labels(cosine_distance(metric), r, linkage_name, stats)
+    assert stats["subsets"] >= 2
     for i in range(b):
         assert same_partition(labels[i], scipy_cuts(metric[i], linkage_name, [n - r])[:, 0]), i
 

@@ -227,7 +227,8 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
             if batch is not None:
                 _write_back(records, batch, st)
             batch = keep if batch is None else batch[keep]
-            st = st.subset(keep, name=f"atc.subset{counter['rounds'] % 2}")
+            subsets = counter["subsets"] = counter.get("subsets", 0) + 1
+            st = st.subset(keep, name=f"atc.subset{subsets % 2}")  # not the buffer st is in
             continue
         if k == 0:  # an unfinished sample without a reciprocal pair: exact ties in kept
             if not rescanned:  # neighbours, or a matmul's last-bit asymmetry
