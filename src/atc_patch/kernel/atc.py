@@ -25,8 +25,9 @@ set, so cutting there gives the partition of ``scipy.cluster.hierarchy.linkage``
   single-linkage merges); rows are min-reduced by component and columns are never touched.
 
 Host synchronisations (``stats["syncs"]``): two per round (a width that is a tensor shape, and
-the stop test), one for the cut; the cosine workspace adds one (are all norms finite?). Rounds
-are few: 3-4 for 196 tokens, 4-10 for 4096. No numpy, no per-sample loop.
+the stop test), one for the cut, one per batch subset; the cosine workspace adds one (are all
+norms finite?). Rounds are few: 3-4 for 196 tokens, 4-10 for 4096. No numpy, no per-sample
+loop.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
             break
         if b >= 8 and 2 * unfinished <= b:
             keep = todo[:, 0].nonzero()[:, 0]
+            counter["syncs"] += 1
             if batch is not None:
                 _write_back(records, batch, st)
             batch = keep if batch is None else batch[keep]
