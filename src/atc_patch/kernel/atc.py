@@ -462,7 +462,7 @@ def _boruvka_rounds(ws: Workspace, r: int, counter: dict):
         absorbed = torch.where(is_root, m, rep)  # non-roots record their edge
         parent.scatter_(1, absorbed, rep.gather(1, ptr))
         height.scatter_(1, absorbed, dmin)
-        when.scatter_(1, absorbed, torch.full_like(absorbed, counter["rounds"]))
+        when.scatter_(1, absorbed, counter["rounds"])
         counter["rounds"] += 1
 
         keep = is_root & (pos < q)

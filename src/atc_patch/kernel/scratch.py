@@ -29,12 +29,12 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
         return torch.empty(shape, dtype=dtype, device=device)
     buffers: dict = _local.__dict__.setdefault("buffers", {})
     numel = math.prod(shape)
-    buf = buffers.get((name, dtype))
-    if buf is None or buf.numel() < numel:
-        buffers[(name, dtype)] = None  # free the old one before allocating the new one
+    key = (name, dtype)
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers.pop(key, None)  # free the old one before allocating the new one
         with torch.inference_mode(False):  # a normal tensor, writable in and out of that mode
-            buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
+            buffers[key] = torch.empty(numel, dtype=dtype)
+    return buffers[key][:numel].view(shape)
 
 
 def release_workspace() -> None:
@@ -45,4 +45,4 @@ def release_workspace() -> None:
 def workspace_bytes() -> int:
     """Bytes the calling thread's kernel buffers hold."""
     buffers = _local.__dict__.get("buffers", {})
-    return sum(b.numel() * b.element_size() for b in buffers.values() if b is not None)
+    return sum(b.numel() * b.element_size() for b in buffers.values())
