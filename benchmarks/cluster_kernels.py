@@ -12,9 +12,9 @@ counts directly (4096 = Stable Diffusion at 512 px). ``--batch_sizes`` are power
 (6 -> 64). ``--reduction_ratio`` is the fraction of tokens KEPT (``K = int(ratio * N)``),
 as in the reference script.
 
-Timing is round-robin (every framework once per round, the median over rounds). atc_patch
-keeps its CPU buffers between calls (``atc_patch.release_workspace``); the ``atc_patch_cold``
-columns free them before every call, i.e. what a first call costs.
+Timing is round-robin (every framework once per round, in a shuffled order; the median over
+rounds). atc_patch keeps its CPU buffers between calls (``atc_patch.release_workspace``); the
+``atc_patch_cold`` columns free them before every call, i.e. what a first call costs.
 """
 
 from __future__ import annotations
