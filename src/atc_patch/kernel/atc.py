@@ -191,6 +191,24 @@ def _rows(flat: Tensor, index: Tensor, name: str) -> Tensor:
     return torch.index_select(flat, 0, index.view(-1), out=out).view(b, k, -1)
 
 
+def _empty_records(d: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge records ``(B, M+1)`` before any merge: ``parent`` (every token its own),
+    ``height`` (``inf``) and ``when`` (round ``M``, later than any)."""
+    b, m1 = d.shape[:2]
+    parent = torch.arange(m1, device=d.device).expand(b, m1).clone()
+    height = torch.full((b, m1), _INF, device=d.device, dtype=d.dtype)
+    return parent, height, torch.full((b, m1), m, device=d.device, dtype=torch.long)
+
+
+def _unfinished(height: Tensor, dmin: Tensor, r: int) -> Tensor:
+    """``(B, 1)``: samples whose ``r`` lowest merges are not known yet.
+
+    They are known once ``r`` recorded merges (``height`` ``(B, M)``) are no higher than the
+    smallest distance left (``dmin`` ``(B, n)``): by reducibility no later merge is lower.
+    """
+    return (height <= dmin.amin(dim=1, keepdim=True)).sum(dim=1, keepdim=True) < r
+
+
 def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
     """Complete/average linkage: reciprocal-nearest-neighbour rounds, in place on ``ws.d``.
 
@@ -215,9 +233,8 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
         b, m1, w = st.d.shape
         mutual = (st.nn.gather(1, st.nn) == st.pos) & (st.pos < st.nn) & (st.dmin < _INF)
         todo = torch.ones(b, 1, device=st.d.device, dtype=torch.bool)
-        if counter["rounds"] > 0:  # a sample is done once r recorded merges are no higher
-            low = st.height[:, :m] <= st.dmin.amin(dim=1, keepdim=True)
-            todo = low.sum(dim=1, keepdim=True) < r
+        if counter["rounds"] > 0:
+            todo = _unfinished(st.height[:, :m], st.dmin, r)
             mutual &= todo
         counter["syncs"] += 1
         k, unfinished = torch.stack([mutual.sum(dim=1).max(), todo.sum()]).tolist()
@@ -276,6 +293,7 @@ class _RoundState:
         penalty = torch.zeros(b, w, device=d.device, dtype=d.dtype)
         penalty[:, m:] = _INF
         dmin, nn = _full_scan(d, alive, block)
+        parent, height, when = _empty_records(d, m)
         return cls(
             d=d,
             m=m,
@@ -283,9 +301,9 @@ class _RoundState:
             alive=alive,
             penalty=penalty,
             size=torch.ones(b, m1, device=d.device, dtype=d.dtype),
-            parent=pos.clone(),
-            height=torch.full((b, m1), _INF, device=d.device, dtype=d.dtype),
-            when=torch.full((b, m1), m, device=d.device, dtype=torch.long),
+            parent=parent,
+            height=height,
+            when=when,
             dmin=dmin,
             nn=nn,
         )
@@ -440,12 +458,9 @@ def _boruvka_rounds(ws: Workspace, r: int, counter: dict):
     d, m, block = ws.d, ws.m, ws.block
     b, m1, w = d.shape
     device, dtype = d.device, d.dtype
-    tokens = torch.arange(m1, device=device).expand(b, m1)
-    parent = tokens.clone()
-    height = torch.full((b, m1), _INF, device=device, dtype=dtype)
-    when = torch.full((b, m1), m, device=device, dtype=torch.long)
+    parent, height, when = _empty_records(d, m)
     comp = torch.arange(w, device=device).clamp_(max=m).expand(b, w).clone()  # column -> row
-    rep = tokens.clone()  # row -> representative token; the last row is an all-inf sink
+    rep = parent.clone()  # row -> representative token; the last row is an all-inf sink
     inf = torch.tensor(_INF, dtype=dtype, device=device)
     rows = d
     while True:
@@ -453,9 +468,9 @@ def _boruvka_rounds(ws: Workspace, r: int, counter: dict):
         dmin, nearest = _row_argmin(rows, block)  # (B, q+1)
         pos = torch.arange(q + 1, device=device).expand(b, q + 1)
         ptr = torch.where(dmin < _INF, comp.gather(1, nearest), pos)
-        if counter["rounds"] > 0:  # done once r recorded merges are no higher than any to come
+        if counter["rounds"] > 0:
             counter["syncs"] += 1
-            if bool(((height[:, :m] <= dmin.amin(dim=1, keepdim=True)).sum(dim=1) >= r).all()):
+            if not bool(_unfinished(height[:, :m], dmin, r).any()):
                 break
         root = _cycle_roots(ptr, pos)
         is_root = root == pos
