@@ -3,6 +3,7 @@
 # of the install inputs skips the work when nothing changed.
 #   scripts/bootstrap.sh demo   -> torch, timm (the demo's needs)
 #   scripts/bootstrap.sh test   -> everything, incl. mmcv built once from source (cached)
+#   scripts/bootstrap.sh docs   -> the package with the docs extra (MkDocs, Material, mkdocstrings)
 set -euo pipefail
 target=${1:-test}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +37,9 @@ pip install "torch==2.14.1" "torchvision==0.29.1"
 if [ "$target" = "test" ]; then
   wheel=$(bash "$root/.ci/mmcv_wheel.sh" "$py" "$cache/wheels")
   pip install "$wheel"
-  pip install -e "$root[all,test]"
+  pip install -e "$root[all,test,docs]"
+elif [ "$target" = "docs" ]; then
+  pip install -e "$root[timm,vis,diffusers,docs]"
 else
   pip install -e "$root[timm,vis]"
 fi
