@@ -49,7 +49,7 @@ def test_raising_block_fails(tmp_path: Path) -> None:
         "import torch; torch.zeros(1, device='cuda')\n```\n\n```python\nassert x == 2\n```\n"
     )
     assert [b.skip for b in blocks(page)] == [None, "needs a GPU", None]
-    with pytest.raises(RuntimeError, match=r"page\.md:14 raised AssertionError"):
+    with pytest.raises(RuntimeError, match=r"page\.md:12 raised AssertionError"):
         run_page(page)
 
 

@@ -14,6 +14,8 @@ import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 # Options one family has that users bring from another one: what to pass instead.
 CROSS_FAMILY_HINTS: dict[str, dict[str, str]] = {
     "vit": {
@@ -112,7 +114,7 @@ def as_bool(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False`` (numpy bools too); ``ValueError`` otherwise."""
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_":  # numpy.bool_
+    if isinstance(value, np.bool_):
         return bool(value)
     raise ValueError(f"{name} must be True or False, got {value!r}")
 
