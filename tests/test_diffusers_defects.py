@@ -105,6 +105,22 @@ def test_gradient_checkpointing_with_a_user_generator_leaves_it_as_an_unchecked_
     assert torch.equal(g.get_state(), after_ref)  # backward() drew nothing from g
 
 
+def test_custom_reentrant_checkpoint_function_replays_too():
+    from torch.utils.checkpoint import checkpoint
+
+    def reentrant(module, *args):  # calls the module itself, in the reentrant variant
+        return checkpoint(module, *args, use_reentrant=True)
+
+    unet = fresh_unet().train()
+    atc_patch.apply_patch(unet, method="tome_sd", ratio=0.5, seed=2)
+    inputs = unet_inputs(unet, batch=2, height=16, width=24)
+    inputs["sample"].requires_grad_(True)  # the reentrant variant needs a grad-requiring input
+    _, ref = _grads(unet, inputs)
+    unet.enable_gradient_checkpointing(reentrant)
+    _, got = _grads(unet, inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. a pipeline and its UNet: patch either, read or remove from either
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +297,19 @@ def test_patched_unet_and_pipeline_unet_roundtrip_into_working_patched_models(pi
         atc_patch.remove_patch(pipe)
 
 
+def test_save_pretrained_of_a_patched_unet_loads_unpatched(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = fresh_unet()
+    inputs = unet_inputs(unet, batch=2)
+    ref = sample(unet, inputs)
+    atc_patch.apply_patch(unet, method="atc", ratio=0.5)
+    unet.save_pretrained(tmp_path)
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert atc_patch.patch_settings(loaded) is None and not is_patched(loaded)
+    assert torch.equal(sample(loaded, inputs), ref)
+
+
 def test_deepcopy_does_not_share_the_user_generator():
     unet = fresh_unet()
     g = torch.Generator().manual_seed(4)
@@ -301,7 +330,7 @@ def test_docs_name_the_chunking_api_diffusers_has():
     from diffusers.models.attention import BasicTransformerBlock
 
     text = DOCS.read_text()
-    assert "enable_forward_chunking" not in text
+    assert "unet.enable_forward_chunking()" not in text  # named only as what is missing
     assert not hasattr(UNet2DConditionModel, "enable_forward_chunking")
     assert "set_chunk_feed_forward(" in text
     assert hasattr(BasicTransformerBlock, "set_chunk_feed_forward")

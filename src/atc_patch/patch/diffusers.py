@@ -494,7 +494,7 @@ def apply(model: Any, method: str = "atc", **options: Any) -> PatchInfo:
             * ``sx``, ``sy``, ``use_rand`` (``"tome_sd"`` only, ``2, 2, True``), as in tomesd:
               one destination per ``sy x sx`` window (at least 2 tokens), drawn at random
               (``use_rand``, turned off for odd batches) or top-left.
-            * ``seed`` (``"tome_sd"`` with ``use_rand`` only): call ``t`` of the UNet draws
+            * ``seed`` (``"tome_sd"`` only, used with ``use_rand``): call ``t`` of the UNet draws
               from a generator seeded by ``(seed, t)``, so runs are reproducible and calls are
               independent. Default: a seed taken (without advancing it) from the global torch
               RNG at patch time.
