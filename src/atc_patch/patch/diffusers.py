@@ -312,7 +312,7 @@ def _warn_if_chunked(block: nn.Module, hidden_states: Tensor) -> None:
         warnings.warn(
             "merge_mlp=True with feed-forward chunking (set_chunk_feed_forward): the MLP sees "
             "chunks, not the merged tokens, so it runs unmerged (self-attention still merges)",
-            stacklevel=3,
+            stacklevel=2,
         )
 
 
