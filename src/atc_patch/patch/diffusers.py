@@ -81,6 +81,7 @@ _NONE_IS_DEFAULT = ("linkage", "max_downsample", "seed", "generator")
 _CFG_ATTR = "_atc_diffusers_cfg"  # on a patched BasicTransformerBlock: its _BlockConfig
 _HOOKS_ATTR = "_atc_diffusers_hooks"  # on a patched UNet: the latent-size hook handles
 _CKPT_ATTR = "_gradient_checkpointing_func"  # diffusers' per-module checkpoint function
+_CKPT_OWNERS_ATTR = "_atc_diffusers_ckpt_owners"  # on a patched UNet: modules that checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _unet_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = UNetCall((int(sample.shape[-2]), int(sample.shape[-1])), timestep)
     call.token = _UNET_CALL.set(call)
     if torch.is_grad_enabled():
-        wrap_checkpointing(module)
+        wrap_checkpointing(vars(module).get(_CKPT_OWNERS_ATTR, ()))
 
 
 def _unet_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -253,11 +254,18 @@ class _ReplayingBlock:
         return getattr(self.__dict__["block"], name)
 
 
-def wrap_checkpointing(root: nn.Module) -> None:
-    """Wrap (once) the ``_gradient_checkpointing_func`` of every module under ``root`` that has
-    gradient checkpointing on. Run on entry of every gradient-enabled call, so that it also
-    covers ``enable_gradient_checkpointing()`` called after patching."""
-    for m in root.modules():
+def checkpointing_modules(root: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules under ``root`` that can checkpoint their children (diffusers gives them a
+    ``gradient_checkpointing`` flag at construction)."""
+    return tuple(m for m in root.modules() if "gradient_checkpointing" in vars(m))
+
+
+def wrap_checkpointing(modules: Any) -> None:
+    """Wrap (once) the ``_gradient_checkpointing_func`` of each of ``modules`` (an iterable,
+    see :func:`checkpointing_modules`) that has gradient checkpointing on. Run on entry of every
+    gradient-enabled call, so that it also covers ``enable_gradient_checkpointing()`` called
+    after patching."""
+    for m in modules:
         func = vars(m).get(_CKPT_ATTR)
         if (
             func is not None
@@ -547,6 +555,7 @@ def apply(model: Any, method: str = "atc", **options: Any) -> PatchInfo:
         unet.register_forward_hook(_unet_post_hook, with_kwargs=True, always_call=True),
     )
     object.__setattr__(unet, _HOOKS_ATTR, hooks)
+    object.__setattr__(unet, _CKPT_OWNERS_ATTR, checkpointing_modules(unet))
     reported = {k: v for k, v in asdict(settings).items() if k in METHOD_OPTIONS[method]}
     if method == "tome_sd":
         reported["generator"] = generator
@@ -564,6 +573,7 @@ def remove(model: Any) -> None:
             if _CFG_ATTR in vars(module):
                 object.__delattr__(module, _CFG_ATTR)
         unwrap_checkpointing(unet)
+        vars(unet).pop(_CKPT_OWNERS_ATTR, None)
         for handle in vars(unet).pop(_HOOKS_ATTR, ()):
             handle.remove()
         clear_patch_info(unet)
