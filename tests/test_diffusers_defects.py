@@ -163,6 +163,28 @@ def test_tome_sd_window_larger_than_a_block_grid_warns_and_runs_unmerged():
         assert torch.equal(sample(unet, inputs), ref)  # nothing merged anywhere
 
 
+@pytest.mark.parametrize(
+    "method,opts,kept",
+    [("tome", {}, 192), ("tome_sd", dict(seed=0), 96), ("tome_sd", dict(sx=1, sy=2), 192)],
+)
+def test_a_ratio_beyond_the_method_cap_warns_with_what_is_removed(method, opts, kept):
+    unet = fresh_unet()
+    block = transformer_blocks(unet)[0][1]
+    seen = []
+    block.attn1.to_q.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    inputs = unet_inputs(unet, batch=2, height=16, width=24)  # 384 tokens at stride 1
+    atc_patch.apply_patch(unet, method=method, ratio=0.9, **opts)
+    with pytest.warns(UserWarning, match=rf"asks for 345 of a block's 384 tokens.*{384 - kept}"):
+        sample(unet, inputs)
+    assert seen == [kept]
+    atc_patch.apply_patch(unet, method="atc", ratio=0.9)  # ATC reaches any ratio
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(unet, inputs)
+    assert seen == [384 - 345]
+
+
 @pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
 @pytest.mark.parametrize(
     "option",

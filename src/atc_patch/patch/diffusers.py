@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import CROSS_FAMILY_HINTS, as_bool, as_float, as_int, check_options
-from ..kernel import LINKAGES, cluster_tokens
+from ..kernel import LINKAGES, cluster_tokens, max_reduction
 from ..kernel.plan import MergePlan
 from ._common import (
     PatchInfo,
@@ -380,7 +380,27 @@ def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
     options = _method_options(cfg, b, n)
     if options is None:
         return None
+    _warn_if_capped(cfg, r, n, options)
     return cluster_tokens(x, r, cfg.method, **options)
+
+
+def _warn_if_capped(cfg: _BlockConfig, r: int, n: int, options: dict[str, Any]) -> None:
+    """ToMe's bipartite split removes at most half the tokens, ToMe-SD's at most all but one
+    per window: warn when ``ratio`` asks for more (the kernel removes what it can)."""
+    if cfg.method == "tome":
+        cap, why = max_reduction("tome", n), "ToMe merges one half of the tokens into the other"
+    elif cfg.method == "tome_sd":
+        s = cfg.settings
+        cap = n - (options["h"] // s.sy) * (options["w"] // s.sx)
+        why = f"ToMe-SD keeps one destination per {s.sy}x{s.sx} window"
+    else:
+        return
+    if r > cap:
+        warnings.warn(
+            f"method={cfg.method!r}: ratio={cfg.settings.ratio} asks for {r} of a block's {n} "
+            f"tokens, but at most {cap} can be removed ({why}); the block removes {cap}",
+            stacklevel=3,
+        )
 
 
 def _method_options(cfg: _BlockConfig, b: int, n: int) -> dict[str, Any] | None:
