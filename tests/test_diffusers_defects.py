@@ -310,6 +310,8 @@ def test_patched_unet_and_pipeline_unet_roundtrip_into_working_patched_models(pi
             unet = copy.deepcopy(pipe).unet if copied is None else copied
             assert atc_patch.patch_settings(unet) == settings, how
             assert torch.equal(sample(unet, inputs), expected), how
+            own = {id(m) for m in unet.modules()}  # stored module references are the copy's
+            assert all(id(m) in own for m in vars(unet)["_atc_diffusers_ckpt_owners"]), how
             atc_patch.remove_patch(unet)  # the copy's own hooks and classes
             assert not is_patched(unet) and not unet._forward_pre_hooks, how
             assert not torch.allclose(sample(unet, inputs), expected, atol=1e-4), how

@@ -45,7 +45,7 @@ import contextvars
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -163,7 +163,7 @@ class CallSnapshot:
     latent_hw: tuple[int, int]
     timestep: Any
     generator_state: Tensor | None  # the call's own generator, if it was made yet
-    user_generator: tuple[torch.device, Tensor] | None = field(default=None)
+    user_generator: tuple[torch.device, Tensor] | None = None  # (device, state) of the user's
 
     def restore(self) -> UNetCall:
         """A fresh :class:`UNetCall` in this state (each restore draws the same numbers)."""
