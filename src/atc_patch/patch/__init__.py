@@ -8,6 +8,8 @@ exposes three functions:
   if it is).
 * ``apply(model, method, **options) -> PatchInfo``: patch in place.
 * ``remove(model) -> None``: restore the original classes/forwards exactly.
+* optionally ``find_patch_info(model) -> PatchInfo | None``: the record of the part of
+  ``model`` the family patched (a pipeline's UNet), when it is not on ``model`` itself.
 """
 
 from __future__ import annotations
@@ -60,9 +62,22 @@ def apply_patch(model: Any, method: str = "atc", **options: Any) -> Any:
     return model
 
 
+def _patch_info(model: Any) -> PatchInfo | None:
+    """``model``'s patch record, or that of the part of it its family patched (``pipe.unet``)."""
+    info = get_patch_info(model)
+    if info is None:
+        try:
+            fam = _find_family(model)
+        except TypeError:
+            return None
+        find = getattr(fam, "find_patch_info", None)
+        info = None if find is None else find(model)
+    return info
+
+
 def remove_patch(model: Any) -> Any:
     """Undo :func:`apply_patch` exactly; a model that is not patched is returned unchanged."""
-    info = get_patch_info(model)
+    info = _patch_info(model)
     if info is None:
         return model
     _family(info.family).remove(model)
@@ -71,7 +86,7 @@ def remove_patch(model: Any) -> Any:
 
 def patch_settings(model: Any) -> dict[str, Any] | None:
     """The settings ``model`` was patched with (a copy), or ``None`` if it is not patched."""
-    info = get_patch_info(model)
+    info = _patch_info(model)
     return None if info is None else dict(info.settings, method=info.method, family=info.family)
 
 

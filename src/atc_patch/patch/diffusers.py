@@ -25,6 +25,13 @@ private to the thread (and asyncio task) that sets them, so concurrent calls on 
 e.g. DataParallel replicas or a thread pool, never see each other's state. What is stored on
 the modules is configuration only, fixed at patch time.
 
+Gradient checkpointing (``unet.enable_gradient_checkpointing()``) recomputes a block during
+``backward()``, outside the UNet call, where the context variables are unset. So while the
+UNet runs with gradients, each module's ``_gradient_checkpointing_func`` is wrapped
+(:class:`CheckpointWithCallState`): a patched block is checkpointed together with a snapshot of
+the call state it starts with (:meth:`UNetCall.snapshot`), and its recomputation runs under
+that snapshot: the same latent grid and the same random draws as the first pass.
+
 Which blocks: those whose downsample factor (2 ** number of downsamplers before them) is at
 most ``max_downsample``. The default, ``max_downsample=None``, means the highest-resolution
 level that has attention: downsample 1 on SD 1.x/2.x (as tomesd's default), 2 on SDXL, whose
@@ -38,23 +45,43 @@ import contextvars
 import math
 import sys
 import warnings
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..kernel import LINKAGES, cluster_tokens
+from .._validate import CROSS_FAMILY_HINTS, as_bool, as_float, as_int, check_options
+from ..kernel import LINKAGES, cluster_tokens, max_reduction
 from ..kernel.plan import MergePlan
-from ._common import PatchInfo, clear_patch_info, restore_class, set_patch_info, swap_class
+from ._common import (
+    PatchInfo,
+    clear_patch_info,
+    get_patch_info,
+    restore_class,
+    set_patch_info,
+    swap_class,
+)
 
 FAMILY = "diffusers"
 METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
 
+COMMON_OPTIONS = ("ratio", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")
+TOME_SD_OPTIONS = ("sx", "sy", "use_rand", "seed", "generator")
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "atc": (*COMMON_OPTIONS, "linkage"),
+    "tome_sd": (*COMMON_OPTIONS, *TOME_SD_OPTIONS),
+    "tome": COMMON_OPTIONS,
+    "kmedoids": COMMON_OPTIONS,
+    "dpcknn": COMMON_OPTIONS,
+}
+# Options whose ``None`` means "the default": passing them as None is the same as leaving them out.
+_NONE_IS_DEFAULT = ("linkage", "max_downsample", "seed", "generator")
+
 _CFG_ATTR = "_atc_diffusers_cfg"  # on a patched BasicTransformerBlock: its _BlockConfig
 _HOOKS_ATTR = "_atc_diffusers_hooks"  # on a patched UNet: the latent-size hook handles
-_OWNER_ATTR = "_atc_diffusers_owner"  # on a patched UNet: weakref to the pipeline patched
+_CKPT_ATTR = "_gradient_checkpointing_func"  # diffusers' per-module checkpoint function
+_CKPT_OWNERS_ATTR = "_atc_diffusers_ckpt_owners"  # on a patched UNet: modules that checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +89,7 @@ _OWNER_ATTR = "_atc_diffusers_owner"  # on a patched UNet: weakref to the pipeli
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Settings:
-    """What :func:`apply` was given (after defaults are resolved); stored in the PatchInfo."""
+    """What :func:`apply` was given (after defaults are resolved)."""
 
     ratio: float = 0.5
     linkage: str | None = None
@@ -89,24 +116,67 @@ class _BlockConfig:
 # --------------------------------------------------------------------------------------------
 # Per-call state (context variables; see the module docstring)
 # --------------------------------------------------------------------------------------------
-class _UNetCall:
-    """State of one UNet forward call: its latent size and, lazily, its random generator."""
+class UNetCall:
+    """State of one UNet forward call: its latent size and the generator ``tome_sd`` draws from.
+
+    A replay (:meth:`CallSnapshot.restore`) carries a copy of the user's generator as it was
+    when the block started, so a recomputation neither draws other destinations nor advances
+    the user's generator.
+    """
 
     def __init__(self, latent_hw: tuple[int, int], timestep: Any) -> None:
         self.latent_hw = latent_hw
         self._timestep = timestep
         self._generator: torch.Generator | None = None
+        self._user_copy: torch.Generator | None = None
         self.token: contextvars.Token | None = None
 
-    def generator(self, seed: int) -> torch.Generator:
-        """A CPU generator seeded from ``(seed, timestep)``: every denoising step draws new
-        destinations, and the same run draws the same ones. Made once per call, on first use."""
+    def generator(self, cfg: _BlockConfig) -> torch.Generator:
+        """The generator block ``cfg`` draws from: the user's ``generator`` if one was given,
+        else this call's own CPU generator, seeded from ``(seed, timestep)`` on first use (every
+        denoising step draws new destinations, the same run draws the same ones)."""
+        if cfg.generator is not None:
+            return self._user_copy if self._user_copy is not None else cfg.generator
         if self._generator is None:
             t = self._timestep
             t = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t or 0.0)
+            seed = cfg.settings.seed if cfg.settings.seed is not None else 0
             call_seed = (seed * 1_000_003 + int(round(t * 1000))) % (2**63)
             self._generator = torch.Generator().manual_seed(call_seed)
         return self._generator
+
+    def snapshot(self, cfg: _BlockConfig) -> CallSnapshot:
+        """What block ``cfg`` sees of this call now, before it runs: the latent size and the
+        state of the generator it would draw from."""
+        user = None
+        if cfg.generator is not None:
+            g = self._user_copy if self._user_copy is not None else cfg.generator
+            user = (g.device, g.get_state())
+        own = None if self._generator is None else self._generator.get_state()
+        return CallSnapshot(self.latent_hw, self._timestep, own, user)
+
+
+@dataclass(frozen=True)
+class CallSnapshot:
+    """A :class:`UNetCall` frozen at the start of one block, to replay that block."""
+
+    latent_hw: tuple[int, int]
+    timestep: Any
+    generator_state: Tensor | None  # the call's own generator, if it was made yet
+    user_generator: tuple[torch.device, Tensor] | None = None  # (device, state) of the user's
+
+    def restore(self) -> UNetCall:
+        """A fresh :class:`UNetCall` in this state (each restore draws the same numbers)."""
+        call = UNetCall(self.latent_hw, self.timestep)
+        if self.generator_state is not None:
+            call._generator = torch.Generator().set_state(self.generator_state)
+        if self.user_generator is not None:
+            device, state = self.user_generator
+            call._user_copy = torch.Generator(device=device).set_state(state)
+        return call
+
+
+_UNetCall = UNetCall  # former name
 
 
 @dataclass(frozen=True)
@@ -117,7 +187,7 @@ class _ActiveMerge:
     targets: tuple[nn.Module, ...]
 
 
-_UNET_CALL: contextvars.ContextVar[_UNetCall | None] = contextvars.ContextVar(
+_UNET_CALL: contextvars.ContextVar[UNetCall | None] = contextvars.ContextVar(
     "atc_patch_unet_call", default=None
 )
 _ACTIVE: contextvars.ContextVar[_ActiveMerge | None] = contextvars.ContextVar(
@@ -128,14 +198,89 @@ _ACTIVE: contextvars.ContextVar[_ActiveMerge | None] = contextvars.ContextVar(
 def _unet_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     sample = args[0] if args else kwargs["sample"]
     timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-    call = _UNetCall((int(sample.shape[-2]), int(sample.shape[-1])), timestep)
+    call = UNetCall((int(sample.shape[-2]), int(sample.shape[-1])), timestep)
     call.token = _UNET_CALL.set(call)
+    if torch.is_grad_enabled():
+        wrap_checkpointing(vars(module).get(_CKPT_OWNERS_ATTR, ()))
 
 
 def _unet_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     call = _UNET_CALL.get()
     if call is not None and call.token is not None:
         _UNET_CALL.reset(call.token)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checkpointing: the recomputation sees the call state of the first pass
+# --------------------------------------------------------------------------------------------
+class CheckpointWithCallState:
+    """Wraps a module's ``_gradient_checkpointing_func(block, *args)`` (diffusers calls it on
+    each block when ``gradient_checkpointing`` is on). A patched block (one carrying
+    ``_CFG_ATTR``) is handed to ``func`` as a :class:`_ReplayingBlock` holding the call state
+    it starts with; any other module is passed through unchanged."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+
+    def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+        call = _UNET_CALL.get()
+        cfg = vars(module).get(_CFG_ATTR) if isinstance(module, nn.Module) else None
+        if cfg is None or call is None:
+            return self.func(module, *args, **kwargs)
+        return self.func(_ReplayingBlock(module, call.snapshot(cfg)), *args, **kwargs)
+
+
+class _ReplayingBlock:
+    """A patched block as a checkpoint function sees it: the first call runs the block inside
+    the UNet call (advancing the call's generator as an unchecked run does); every later call
+    (the recomputation in ``backward()``) runs it under a restored copy of the snapshot."""
+
+    def __init__(self, block: nn.Module, snapshot: CallSnapshot) -> None:
+        self.block = block
+        self.snapshot = snapshot
+        self.ran = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.ran:
+            self.ran = True
+            return self.block(*args, **kwargs)
+        token = _UNET_CALL.set(self.snapshot.restore())
+        try:
+            return self.block(*args, **kwargs)
+        finally:
+            _UNET_CALL.reset(token)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a checkpoint function reads
+        return getattr(self.__dict__["block"], name)
+
+
+def checkpointing_modules(root: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules under ``root`` that can checkpoint their children (diffusers gives them a
+    ``gradient_checkpointing`` flag at construction)."""
+    return tuple(m for m in root.modules() if "gradient_checkpointing" in vars(m))
+
+
+def wrap_checkpointing(modules: Any) -> None:
+    """Wrap (once) the ``_gradient_checkpointing_func`` of each of ``modules`` (an iterable,
+    see :func:`checkpointing_modules`) that has gradient checkpointing on. Run on entry of every
+    gradient-enabled call, so that it also covers ``enable_gradient_checkpointing()`` called
+    after patching."""
+    for m in modules:
+        func = vars(m).get(_CKPT_ATTR)
+        if (
+            func is not None
+            and getattr(m, "gradient_checkpointing", False)
+            and not isinstance(func, CheckpointWithCallState)
+        ):
+            object.__setattr__(m, _CKPT_ATTR, CheckpointWithCallState(func))
+
+
+def unwrap_checkpointing(root: nn.Module) -> None:
+    """Undo :func:`wrap_checkpointing` under ``root``."""
+    for m in root.modules():
+        func = vars(m).get(_CKPT_ATTR)
+        if isinstance(func, CheckpointWithCallState):
+            object.__setattr__(m, _CKPT_ATTR, func.func)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +294,8 @@ class _TokenMergeBlock:
         if plan is None:
             return super().forward(hidden_states, *args, **kwargs)
         cfg = getattr(self, _CFG_ATTR)
+        if cfg.settings.merge_mlp:
+            _warn_if_chunked(self, hidden_states)
         targets = tuple(
             m
             for m, on in (
@@ -163,6 +310,18 @@ class _TokenMergeBlock:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
             _ACTIVE.reset(token)
+
+
+def _warn_if_chunked(block: nn.Module, hidden_states: Tensor) -> None:
+    """diffusers' ``set_chunk_feed_forward`` runs the MLP on chunks of the tokens (or of the
+    batch), which cannot follow the block's merge: say so (the MLP runs unmerged)."""
+    size, dim = getattr(block, "_chunk_size", None), getattr(block, "_chunk_dim", 0)
+    if size is not None and size < hidden_states.shape[dim]:
+        warnings.warn(
+            "merge_mlp=True with feed-forward chunking (set_chunk_feed_forward): the MLP sees "
+            "chunks, not the merged tokens, so it runs unmerged (self-attention still merges)",
+            stacklevel=2,
+        )
 
 
 class _MergeAround:
@@ -209,31 +368,69 @@ def _merge_key_mask(plan: MergePlan, mask: Tensor) -> Tensor:
 
 
 def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
-    """The merge plan for block input ``x`` ``(B, N, C)``, or ``None`` to run unchanged."""
+    """The merge plan for block input ``x`` ``(B, N, C)``, or ``None`` to run unchanged.
+
+    ``None`` when nothing is removed (``int(N * ratio) == 0``), for an empty batch (``B == 0``:
+    the block runs as unpatched) and for a ``tome_sd`` grid smaller than one window (warned).
+    """
     b, n, _ = x.shape
     r = int(n * cfg.settings.ratio)
-    if r <= 0:
+    if r <= 0 or b == 0:
         return None
+    options = _method_options(cfg, b, n)
+    if options is None:
+        return None
+    _warn_if_capped(cfg, r, n, options)
+    return cluster_tokens(x, r, cfg.method, **options)
+
+
+def _warn_if_capped(cfg: _BlockConfig, r: int, n: int, options: dict[str, Any]) -> None:
+    """ToMe's bipartite split removes at most half the tokens, ToMe-SD's at most all but one
+    per window: warn when ``ratio`` asks for more (the kernel removes what it can)."""
+    if cfg.method == "tome":
+        cap, why = max_reduction("tome", n), "ToMe merges one half of the tokens into the other"
+    elif cfg.method == "tome_sd":
+        s = cfg.settings
+        cap = n - (options["h"] // s.sy) * (options["w"] // s.sx)
+        why = f"ToMe-SD keeps one destination per {s.sy}x{s.sx} window"
+    else:
+        return
+    if r > cap:
+        warnings.warn(
+            f"method={cfg.method!r}: ratio={cfg.settings.ratio} asks for {r} of a block's {n} "
+            f"tokens, but at most {cap} can be removed ({why}); the block removes {cap}",
+            stacklevel=3,
+        )
+
+
+def _method_options(cfg: _BlockConfig, b: int, n: int) -> dict[str, Any] | None:
+    """The method-specific ``cluster_tokens`` arguments for a block input ``(b, n, C)``, or
+    ``None`` when the method can merge nothing there."""
     s = cfg.settings
+    if cfg.method == "atc":
+        return {"linkage": s.linkage}
     if cfg.method != "tome_sd":
-        return cluster_tokens(x, r, cfg.method, linkage=s.linkage if cfg.method == "atc" else None)
+        return {}
     call = _UNET_CALL.get()
     h, w = _block_grid(call, cfg.downsample, n)
+    if h < s.sy or w < s.sx:
+        warnings.warn(
+            f"method='tome_sd': a block at downsample {cfg.downsample} has a {h}x{w} token "
+            f"grid, smaller than one sy x sx = {s.sy}x{s.sx} window, so it merges nothing "
+            "(use smaller sx/sy, larger latents or a smaller max_downsample)",
+            stacklevel=2,
+        )
+        return None
     # tomesd: with an odd batch the prompted and unprompted halves of a CFG batch cannot both
     # be present, and shared random destinations give artifacts, so randomness is turned off.
     use_rand = s.use_rand and b % 2 == 0
     gen = None
     if use_rand:
-        if cfg.generator is not None:
-            gen = cfg.generator
-        elif call is not None:
-            gen = call.generator(s.seed if s.seed is not None else 0)
-    return cluster_tokens(
-        x, r, "tome_sd", h=h, w=w, sx=s.sx, sy=s.sy, no_rand=not use_rand, generator=gen
-    )
+        gen = call.generator(cfg) if call is not None else cfg.generator
+    return dict(h=h, w=w, sx=s.sx, sy=s.sy, no_rand=not use_rand, generator=gen)
 
 
-def _block_grid(call: _UNetCall | None, downsample: int, n: int) -> tuple[int, int]:
+def _block_grid(call: UNetCall | None, downsample: int, n: int) -> tuple[int, int]:
     """The ``(h, w)`` token grid of a block at ``downsample`` with ``n = h * w`` tokens."""
     if call is not None:
         lat_h, lat_w = call.latent_hw
@@ -270,6 +467,16 @@ def matches(model: Any) -> bool:
     return _unet_of(model) is not None
 
 
+def find_patch_info(model: Any) -> PatchInfo | None:
+    """The patch record of ``model``'s UNet (``model`` itself or ``pipe.unet``), or ``None``.
+
+    The record lives on the UNet only, so a pipeline and its UNet always agree, whichever of
+    the two was patched.
+    """
+    unet = _unet_of(model)
+    return None if unet is None else get_patch_info(unet)
+
+
 def transformer_blocks(unet: nn.Module) -> list[tuple[int, nn.Module]]:
     """``(downsample, block)`` for every ``BasicTransformerBlock`` in the UNet's down, mid and
     up blocks; ``downsample`` is the block's latent stride (1 = full latent resolution)."""
@@ -295,62 +502,50 @@ def transformer_blocks(unet: nn.Module) -> list[tuple[int, nn.Module]]:
 # --------------------------------------------------------------------------------------------
 # apply / remove
 # --------------------------------------------------------------------------------------------
-def apply(
-    model: Any,
-    method: str = "atc",
-    *,
-    ratio: float = 0.5,
-    linkage: str | None = None,
-    max_downsample: int | None = None,
-    sx: int = 2,
-    sy: int = 2,
-    use_rand: bool = True,
-    merge_attn: bool = True,
-    merge_crossattn: bool = False,
-    merge_mlp: bool = False,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-) -> PatchInfo:
+def apply(model: Any, method: str = "atc", **options: Any) -> PatchInfo:
     """Patch a ``UNet2DConditionModel`` (or ``pipe.unet``) in place for token reduction.
 
     Args:
         model: the UNet, or a pipeline holding it as ``.unet``.
         method: ``"atc"``, ``"tome_sd"``, ``"tome"``, ``"kmedoids"`` or ``"dpcknn"``.
-        ratio: fraction of a block's tokens removed, ``0 <= ratio < 1``; ``r = int(N * ratio)``.
-            ``ratio=0`` leaves outputs bit-identical.
-        linkage: ``"atc"`` only: ``"single"``, ``"complete"`` or ``"average"`` (default).
-        max_downsample: patch blocks whose latent stride is at most this; ``None`` = the
-            highest-resolution level that has attention (1 on SD 1.x/2.x, 2 on SDXL).
-        sx, sy, use_rand: ``"tome_sd"`` only, as in tomesd: one destination per ``sy x sx``
-            window, drawn at random (``use_rand``, turned off for odd batches) or top-left.
-        merge_attn, merge_crossattn, merge_mlp: which sublayers run on merged tokens.
-        seed: ``"tome_sd"`` randomness: call ``t`` of the UNet draws from a generator seeded
-            by ``(seed, t)``, so runs are reproducible and calls are independent. Default: a
-            seed taken (without advancing it) from the global torch RNG at patch time.
-        generator: instead of ``seed``, draw from this generator (advanced by every call; re-seed
-            it to reproduce a run; shared by concurrent calls, unlike ``seed``).
+        **options: (:data:`METHOD_OPTIONS` lists which ones each method takes)
+
+            * ``ratio`` (``0.5``): fraction of a block's tokens removed, ``0 <= ratio < 1``;
+              ``r = int(N * ratio)``. ``ratio=0`` leaves outputs bit-identical.
+            * ``max_downsample`` (``None``): patch blocks whose latent stride is at most this;
+              ``None`` = the highest-resolution level that has attention (1 on SD 1.x/2.x,
+              2 on SDXL).
+            * ``merge_attn``, ``merge_crossattn``, ``merge_mlp`` (``True, False, False``): which
+              sublayers run on merged tokens.
+            * ``linkage`` (``"atc"`` only, ``"average"``): ``"single"``, ``"complete"`` or
+              ``"average"``.
+            * ``sx``, ``sy``, ``use_rand`` (``"tome_sd"`` only, ``2, 2, True``), as in tomesd:
+              one destination per ``sy x sx`` window (at least 2 tokens), drawn at random
+              (``use_rand``, turned off for odd batches) or top-left.
+            * ``seed`` (``"tome_sd"`` only, used with ``use_rand``): call ``t`` of the UNet draws
+              from a generator seeded by ``(seed, t)``, so runs are reproducible and calls are
+              independent. Default: a seed taken (without advancing it) from the global torch
+              RNG at patch time.
+            * ``generator`` (instead of ``seed``): draw from this ``torch.Generator`` (advanced
+              by every call; re-seed it to reproduce a run; shared by concurrent calls).
+
+            ``None`` for ``linkage``, ``max_downsample``, ``seed`` or ``generator`` means the
+            default. Integer options take integral numbers of any type (``2.0``,
+            ``numpy.int64(2)``); booleans take ``True``/``False`` only.
+
+    Raises:
+        TypeError: ``model`` is neither a ``UNet2DConditionModel`` nor a pipeline holding one.
+        ValueError: an unknown option (the message lists the valid ones for ``method``, and
+            the diffusers equivalent of ViT options such as ``r``/``keep_rate``), an option of
+            another method, a bad value, or settings that merge nothing.
     """
     unet = _unet_of(model)
     if unet is None:
         raise TypeError("expected a diffusers UNet2DConditionModel or a pipeline with .unet")
-    settings = _validated_settings(
-        method,
-        Settings(
-            ratio=ratio,
-            linkage=linkage,
-            max_downsample=max_downsample,
-            sx=sx,
-            sy=sy,
-            use_rand=use_rand,
-            merge_attn=merge_attn,
-            merge_crossattn=merge_crossattn,
-            merge_mlp=merge_mlp,
-            seed=seed,
-        ),
-        generator,
-    )
+    settings, generator = _validated_settings(method, options)
     if _is_patched(unet):
         remove(unet)
+    clear_patch_info(model)  # a record left by an older version on the pipeline
     blocks = transformer_blocks(unet)
     levels = sorted({d for d, _ in blocks})
     if not levels:
@@ -365,10 +560,13 @@ def apply(
         )
     settings = _replace(settings, max_downsample=limit)
     for d, block in chosen:
-        cfg = _BlockConfig(method, settings, d, generator)
-        object.__setattr__(block, _CFG_ATTR, cfg)
+        object.__setattr__(block, _CFG_ATTR, _BlockConfig(method, settings, d, generator))
         swap_class(block, _TokenMergeBlock)
-        for name, on in (("attn1", merge_attn), ("attn2", merge_crossattn), ("ff", merge_mlp)):
+        for name, on in (
+            ("attn1", settings.merge_attn),
+            ("attn2", settings.merge_crossattn),
+            ("ff", settings.merge_mlp),
+        ):
             sub = getattr(block, name, None)
             if on and sub is not None:
                 swap_class(sub, _MergeAround)
@@ -377,11 +575,12 @@ def apply(
         unet.register_forward_hook(_unet_post_hook, with_kwargs=True, always_call=True),
     )
     object.__setattr__(unet, _HOOKS_ATTR, hooks)
-    info = PatchInfo(FAMILY, method, dict(asdict(settings), num_blocks=len(chosen)))
+    object.__setattr__(unet, _CKPT_OWNERS_ATTR, checkpointing_modules(unet))
+    reported = {k: v for k, v in asdict(settings).items() if k in METHOD_OPTIONS[method]}
+    if method == "tome_sd":
+        reported["generator"] = generator
+    info = PatchInfo(FAMILY, method, dict(reported, num_blocks=len(chosen)))
     set_patch_info(unet, info)
-    if model is not unet:
-        set_patch_info(model, info)
-        object.__setattr__(unet, _OWNER_ATTR, weakref.ref(model))
     return info
 
 
@@ -393,11 +592,10 @@ def remove(model: Any) -> None:
             restore_class(module)
             if _CFG_ATTR in vars(module):
                 object.__delattr__(module, _CFG_ATTR)
+        unwrap_checkpointing(unet)
+        vars(unet).pop(_CKPT_OWNERS_ATTR, None)
         for handle in vars(unet).pop(_HOOKS_ATTR, ()):
             handle.remove()
-        owner = vars(unet).pop(_OWNER_ATTR, None)
-        if owner is not None and owner() is not None:  # remove_patch(pipe.unet) after
-            clear_patch_info(owner())  # apply_patch(pipe): the pipeline is unpatched too
         clear_patch_info(unet)
     clear_patch_info(model)
 
@@ -410,38 +608,64 @@ def _replace(settings: Settings, **changes: Any) -> Settings:
     return Settings(**dict(asdict(settings), **changes))
 
 
-def _validated_settings(method: str, s: Settings, generator: torch.Generator | None) -> Settings:
-    if method not in METHODS:
+def _hints(method: str) -> dict[str, str]:
+    """For the unknown-option message: ViT options' diffusers equivalents, other methods'."""
+    hints = dict(CROSS_FAMILY_HINTS["diffusion"])
+    if method != "tome_sd":
+        hints.update({k: f"{k} applies to method='tome_sd' only" for k in TOME_SD_OPTIONS})
+    if method != "atc":
+        hints["linkage"] = "linkage applies to method='atc' only"
+    return hints
+
+
+def _validated_settings(
+    method: Any, options: dict[str, Any]
+) -> tuple[Settings, torch.Generator | None]:
+    """Check ``options`` for ``method`` and resolve the defaults (see :func:`apply`)."""
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} for diffusers, got {method!r}")
-    if isinstance(s.ratio, bool) or not isinstance(s.ratio, (int, float)):
-        raise ValueError(f"ratio must be a float in [0, 1), got {s.ratio!r}")
-    if not 0 <= s.ratio < 1:
-        raise ValueError(f"ratio is the fraction of tokens removed, in [0, 1); got {s.ratio}")
-    if s.linkage is not None and method != "atc":
-        raise ValueError(f"linkage applies to method='atc' only, not {method!r}")
-    if method == "atc" and s.linkage is None:
-        s = _replace(s, linkage="average")
-    if s.linkage is not None and s.linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {s.linkage!r}")
-    if s.max_downsample is not None and (
-        isinstance(s.max_downsample, bool)
-        or not isinstance(s.max_downsample, int)
-        or s.max_downsample < 1
-    ):
-        raise ValueError(f"max_downsample must be an int >= 1 or None, got {s.max_downsample!r}")
+    given = {k: v for k, v in options.items() if not (v is None and k in _NONE_IS_DEFAULT)}
+    check_options(
+        f"diffusers UNets with method={method!r}", given, METHOD_OPTIONS[method], _hints(method)
+    )
+    s = Settings()
+    values: dict[str, Any] = {}
+    if "ratio" in given:
+        values["ratio"] = as_float("ratio", given["ratio"])
+    ratio = values.get("ratio", s.ratio)
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio is the fraction of tokens removed, in [0, 1); got {ratio}")
+    if method == "atc":
+        linkage = given.get("linkage", "average")
+        if linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+        values["linkage"] = linkage
+    if "max_downsample" in given:
+        values["max_downsample"] = as_int("max_downsample", given["max_downsample"], minimum=1)
     for name in ("sx", "sy"):
-        v = getattr(s, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if name in given:
+            values[name] = as_int(name, given[name], minimum=1)
+    for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+        if name in given:
+            values[name] = as_bool(name, given[name])
+    s = Settings(**values)
     if not (s.merge_attn or s.merge_crossattn or s.merge_mlp):
         raise ValueError("merge_attn, merge_crossattn and merge_mlp are all False: nothing merges")
+    generator = given.get("generator")
+    if method != "tome_sd":
+        return s, None
+    if s.sx * s.sy == 1:
+        raise ValueError(
+            "method='tome_sd' with sx=sy=1 merges nothing: every token is the destination of "
+            "its own 1x1 window. Use windows of at least 2 tokens (tomesd's default sx=sy=2)."
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if s.seed is None and method == "tome_sd":
+    if "seed" in given and generator is not None:
+        raise ValueError("give seed or generator, not both (both set tome_sd's random draws)")
+    if "seed" in given:
+        return _replace(s, seed=as_int("seed", given["seed"])), generator
+    if s.use_rand and generator is None:  # a seed from the global RNG, which is not advanced
         fork = torch.Generator().set_state(torch.get_rng_state())
         s = _replace(s, seed=int(torch.randint(2**62, (1,), generator=fork)))
-    elif s.seed is not None and (isinstance(s.seed, bool) or not isinstance(s.seed, int)):
-        raise ValueError(f"seed must be an int, got {s.seed!r}")
-    if generator is not None and method != "tome_sd":
-        warnings.warn(f"generator is only used by method='tome_sd', not {method!r}", stacklevel=3)
-    return s
+    return s, generator
