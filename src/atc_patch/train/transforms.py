@@ -18,6 +18,31 @@ from torchvision import transforms as T
 KINDS = ("imagenet", "multilabel", "digits")
 
 
+def _posterize_at_least_one_bit(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    from timm.data.auto_augment import posterize
+
+    return posterize(img, max(int(bits_to_keep), 1), **kwargs)
+
+
+def clamp_posterize(transform: Any) -> Any:
+    """Make timm's RandAugment posterize keep at least 1 bit (in place; returns ``transform``).
+
+    ``rand-m9-mstd0.5-inc1`` can draw magnitude 10, which timm maps to "keep 0 bits"; Pillow
+    >= 11 rejects that (``ValueError: bits must be between or equal to 1 and 8``).
+    """
+    from timm.data.auto_augment import RandAugment
+
+    steps = getattr(transform, "transforms", [transform])
+    for t in steps:
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize_at_least_one_bit
+        elif hasattr(t, "transforms"):
+            clamp_posterize(t)
+    return transform
+
+
 def build_transform(
     is_train: bool,
     kind: str,
@@ -54,18 +79,20 @@ def build_transform(
     mean = tuple(mean or IMAGENET_DEFAULT_MEAN)
     std = tuple(std or IMAGENET_DEFAULT_STD)
     if kind == "imagenet":
-        return create_transform(
-            input_size=input_size,
-            is_training=is_train,
-            color_jitter=color_jitter if is_train else None,
-            auto_augment=aa if is_train else None,
-            interpolation=interpolation,
-            re_prob=reprob if is_train else 0.0,
-            re_mode=remode,
-            re_count=recount,
-            mean=mean,
-            std=std,
-            crop_pct=crop_pct,
+        return clamp_posterize(
+            create_transform(
+                input_size=input_size,
+                is_training=is_train,
+                color_jitter=color_jitter if is_train else None,
+                auto_augment=aa if is_train else None,
+                interpolation=interpolation,
+                re_prob=reprob if is_train else 0.0,
+                re_mode=remode,
+                re_count=recount,
+                mean=mean,
+                std=std,
+                crop_pct=crop_pct,
+            )
         )
     interp = str_to_interp_mode(interpolation if interpolation != "random" else "bicubic")
     steps = [T.Resize((input_size, input_size), interpolation=interp)]
@@ -80,7 +107,7 @@ def build_transform(
             "translate_const": int(input_size * 0.45),
             "img_mean": tuple(min(255, round(255 * m)) for m in mean),
         }
-        steps.append(rand_augment_transform(aa, params))
+        steps.append(clamp_posterize(rand_augment_transform(aa, params)))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     if is_train and reprob > 0:
         steps.append(RandomErasing(reprob, mode=remode, max_count=recount, device="cpu"))
