@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,14 @@ def build_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
     if getattr(args, "bce_loss", False):
         return nn.BCEWithLogitsLoss()
     if is_multi_label(args.dataset):
-        return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05)
+        # The ATC/ASL settings; "sum" is the original ASL reduction the paper trained with
+        # (timm >= 1.0.2x defaults to "batchmean").
+        kw = (
+            {"reduction": "sum"}
+            if "reduction" in signature(AsymmetricLossMultiLabel).parameters
+            else {}
+        )
+        return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05, **kw)
     if mixup_active:
         return SoftTargetCrossEntropy()
     if args.smoothing:
@@ -181,7 +189,7 @@ def run(args: argparse.Namespace, build_model: Callable[[int], nn.Module]) -> di
     """Fine-tune (or, with ``args.eval``, only evaluate); returns the logged rows and models.
 
     Returns ``{"rows": [...], "model": model, "model_ema": ema module or None,
-    "env": DistEnv, "args": args}``.
+    "optimizer": optimizer, "env": DistEnv, "args": args}``.
     """
     from timm.data import Mixup
     from timm.optim import create_optimizer_v2
