@@ -79,8 +79,19 @@ def add_augmentation(
     p.add_argument("--reprob", type=float, default=0.25)
     p.add_argument("--remode", type=str, default="pixel")
     p.add_argument("--recount", type=int, default=1)
-    p.add_argument("--mixup", type=float, default=mixup)
-    p.add_argument("--cutmix", type=float, default=cutmix)
+    p.add_argument(
+        "--mixup",
+        type=float,
+        default=None,
+        help=f"mixup alpha (default {mixup}; 0 for multi-label data)",
+    )
+    p.add_argument(
+        "--cutmix",
+        type=float,
+        default=None,
+        help=f"cutmix alpha (default {cutmix}; 0 for multi-label data)",
+    )
+    p.set_defaults(default_mixup=mixup, default_cutmix=cutmix)
     flag(p, "cutmix_minmax", type=float, nargs="+", default=None)
     flag(p, "mixup_prob", type=float, default=1.0)
     flag(p, "mixup_switch_prob", type=float, default=0.5)

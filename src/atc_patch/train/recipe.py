@@ -204,6 +204,9 @@ def run(args: argparse.Namespace, build_model: Callable[[int], nn.Module]) -> di
     train_loader, val_loader, num_classes = build_loaders(args, env)
     args.num_classes = num_classes
     multi_label = is_multi_label(args.dataset)
+    for name in ("mixup", "cutmix"):  # the recipe's default, off for multi-label targets
+        if getattr(args, name) is None:
+            setattr(args, name, 0.0 if multi_label else getattr(args, f"default_{name}", 0.0))
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup_active and multi_label:
         raise SystemExit(f"--mixup/--cutmix need single-label data, not {args.dataset}")
@@ -298,6 +301,7 @@ def run(args: argparse.Namespace, build_model: Callable[[int], nn.Module]) -> di
         "model_ema": None,
         "env": env,
         "args": args,
+        "optimizer": optimizer,
     }
     if model_ema is not None:
         result["model_ema"] = model_ema.module
