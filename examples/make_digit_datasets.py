@@ -1,7 +1,7 @@
 """Write the scikit-learn digits as image datasets in the ATC paper's on-disk layouts.
 
-Seeded and offline; the images are the real 8x8 digit scans (grey PNG, pixel ``p`` in 0..16
-stored as ``round(p * 255 / 16)``)::
+Seeded and offline (needs scikit-learn); the images are the real 8x8 digit scans (grey PNG,
+pixel ``p`` in 0..16 stored as ``round(p * 255 / 16)``)::
 
     python examples/make_digit_datasets.py --output_dir data/digits
 

@@ -420,3 +420,53 @@ def test_bad_input_messages(data, tmp_path, monkeypatch):
 
     with pytest.raises(LayoutError, match="nus_wid_data.csv"):
         train_deit(digits_flags(data, "--dataset", "nuswide", "--data", str(tmp_path)))
+
+
+def test_deit_hard_distillation(data, tmp_path):
+    import timm
+    import torch.nn.functional as F
+
+    from atc_patch.train.engine import DistillationLoss
+
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    # The loss: (1 - alpha) CE(class head) + alpha CE(distillation head, teacher argmax).
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    cls, dist = torch.randn(4, 10), torch.randn(4, 10)
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher.eval(), "hard", 0.3)
+    with torch.no_grad():
+        want = 0.7 * F.cross_entropy(cls, y) + 0.3 * F.cross_entropy(dist, teacher(x).argmax(1))
+    torch.testing.assert_close(loss(x, (cls, dist), y), want)
+    res = train_deit(
+        digits_flags(data, "--epochs", "1", "--batch-size", "20", "--output_dir", "")[:4]
+        + [
+            "--model",
+            "tome_tiny_patch16_224",
+            "--no-pretrained",
+            "--input-size",
+            "32",
+            "--reduction_loc",
+            "3",
+            "--keep_rate",
+            "0.75",
+            "--num_workers",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "20",
+            "--device",
+            "cpu",
+            "--no_progress",
+            "--output_dir",
+            "",
+            "--distillation-type",
+            "hard",
+            "--teacher-model",
+            "resnet10t",
+            "--teacher-path",
+            str(tmp_path / "teacher.pth"),
+        ]
+    )
+    assert res["model"].dist_token is not None  # the distilled DeiT
+    assert res["rows"][-1]["train_loss"] > 0
