@@ -574,3 +574,25 @@ def test_save_pretrained_roundtrip(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="needs the EMA weights"):
         pt.save_pretrained(model, path, ema_best=True)
+
+
+@pytest.mark.parametrize("dataset", ["im1k", "coco"])
+def test_eval_transform_is_the_reference_one(dataset) -> None:
+    """resolve_data_config on a loaded model gives the reference validate_deit.py transform."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+    from torchvision import transforms as T
+
+    with torch.device("meta"):
+        model = timm.create_model(f"atc_tiny_patch16_224.{dataset}_average_07")
+    ours = create_transform(**resolve_data_config({}, model=model))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if dataset == "im1k":  # timm create_transform(224, is_training=False): crop_pct 0.875
+        head = [T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)]
+    else:  # build_coco_transform(is_train=False)
+        head = [T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC)]
+    ref = T.Compose([*head, T.ToTensor(), T.Normalize(mean, std)])
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    assert torch.equal(ours(img), ref(img))
