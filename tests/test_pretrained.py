@@ -495,6 +495,10 @@ def test_timm_pretrained_offline(hub_cache) -> None:
         timm.create_model("atc_tiny_patch16_224", pretrained=True, keep_rate=0.25)
     with pytest.raises(ValueError, match="no released atc_tiny file"):
         timm.create_model("atc_tiny_patch16_224", pretrained=True, keep_rate=0.6)
+    with pytest.raises(ValueError, match="ema chooses"):
+        timm.create_model("atc_tiny_patch16_224", ema=True)
+    with pytest.raises(ValueError, match="no fine-tuned tome DeiT"):
+        timm.create_model("tome_tiny_patch16_224", pretrained=True, dataset="nab")
 
 
 # --- timm names ---------------------------------------------------------------------------------

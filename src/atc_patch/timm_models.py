@@ -94,6 +94,8 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
     from_tag = _tag_settings(tag) if method == "atc" else {}
     dataset = kwargs.pop("dataset", from_tag.get("dataset", "im1k"))
     ema = kwargs.pop("ema", None)
+    if ema is not None and not pretrained:
+        raise ValueError("ema chooses between the released weights: use it with pretrained=True")
     if dataset not in _pt.DATASETS:
         raise ValueError(f"dataset must be one of {list(_pt.DATASETS)}, got {dataset!r}")
 
