@@ -25,6 +25,7 @@ The ViT-Adapter releases are loaded through mmdet instead, see :mod:`atc_patch.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -343,6 +344,23 @@ def _list_checkpoints(repo_id: str, revision: str | None, token: str | bool | No
 # --- reading the file ----------------------------------------------------------------------------
 
 
+def allow_safe_globals() -> contextlib.AbstractContextManager:
+    """Context in which ``torch.load(weights_only=True)`` also accepts :data:`SAFE_GLOBALS`.
+
+    Raises:
+        RuntimeError: torch older than 2.4 (no allow-list for weights-only loading).
+    """
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
+        return torch.serialization.safe_globals(list(SAFE_GLOBALS))
+    if hasattr(torch.serialization, "add_safe_globals"):  # torch 2.4: process-wide
+        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+        return contextlib.nullcontext()
+    raise RuntimeError(
+        f"loading checkpoints that hold {[t.__qualname__ for t in SAFE_GLOBALS]} weights-only "
+        f"needs torch >= 2.4 (this is {torch.__version__})"
+    )
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU with :data:`SAFE_GLOBALS` allowed.
 
@@ -351,7 +369,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
             executed). The message names it; if you trust the file, allow-list that class with
             ``torch.serialization.add_safe_globals([...])`` and call again.
     """
-    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+    with allow_safe_globals():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -807,6 +825,7 @@ __all__ = [
     "Release",
     "ResolvedFile",
     "UnsafeCheckpointError",
+    "allow_safe_globals",
     "checkpoint_settings",
     "eval_pretrained_cfg",
     "infer_architecture",

@@ -29,7 +29,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 from timm.models import register_model as _register
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -123,7 +122,7 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
     model_args = dict(patch_size=16, embed_dim=_pt.SIZES[size][0], depth=12)
     model_args["num_heads"] = _pt.SIZES[size][1]
     # Released files pickle their argparse.Namespace: let timm's weights-only load accept it.
-    with torch.serialization.safe_globals(list(_pt.SAFE_GLOBALS)):
+    with _pt.allow_safe_globals():
         model = build_model_with_cfg(
             VisionTransformer,
             f"{method}_{size}_patch16_224",
