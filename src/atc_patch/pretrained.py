@@ -222,9 +222,11 @@ def resolve(
             ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and login apply as usual).
 
     Raises:
-        FileNotFoundError: a local path that does not exist, or a hub file that is not cached
-            while the hub cannot be reached (``HF_HUB_OFFLINE=1`` or no connection).
-        ValueError: a source that is none of the above, or a repository without a keep rate.
+        FileNotFoundError: a source that is no existing file and no hub id, a hub file that is
+            not cached while the hub cannot be reached (``HF_HUB_OFFLINE=1`` or no connection),
+            or a repository / file the hub does not have.
+        ValueError: a URL that is not a hub file URL; a repository that is not a release, or
+            without a released ``keep_rate``.
     """
     text = os.fspath(source)
     if os.path.isfile(text):
