@@ -13,6 +13,7 @@ from .kernel.plan import MergePlan
 from .kernel.scratch import release_workspace
 from .patch import apply_patch, patch_settings, remove_patch
 from .patch._vit import last_source
+from .pretrained import load_pretrained, save_pretrained
 from .schedule import Schedule, make_schedule
 
 __version__ = "0.1.0"
@@ -25,8 +26,10 @@ __all__ = [
     "apply_patch",
     "cluster_tokens",
     "last_source",
+    "load_pretrained",
     "make_schedule",
     "patch_settings",
     "release_workspace",
     "remove_patch",
+    "save_pretrained",
 ]

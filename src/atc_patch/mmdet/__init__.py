@@ -7,6 +7,9 @@ needs only::
     model = dict(backbone=dict(type="ViTAdapter", method="atc", linkage="average",
                                reduction_loc=[3, 6, 9], reduction_ratio=0.7, ...))
 
+Released checkpoints load through mmengine's ``atc://`` scheme (:mod:`.checkpoint`), e.g.
+``load_from = "atc://joakimbh/atc_tiny-coco17-average/atc_tiny-coco17-07-average.pth"``.
+
 Packaged Mask R-CNN configs: :func:`config_path` (``"vit-adapter-t-3x"``,
 ``"tomeatc-adapter-t-0.5x-ftune"``, ... see :data:`CONFIGS`).
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from mmdet.registry import MODELS
 
+from . import checkpoint  # registers the atc:// checkpoint scheme with mmengine
 from .reduction import METHODS, Reduction, TokenGrid, expected_token_counts, make_reduction
 from .vit_adapter import ViTAdapter
 
@@ -36,6 +40,7 @@ def config_path(name: str) -> str:
 
 __all__ = [
     "CONFIGS",
+    "checkpoint",
     "CONFIG_DIR",
     "METHODS",
     "Reduction",
