@@ -276,6 +276,21 @@ def test_jit_and_export_say_they_are_not_supported(family):
         assert torch.equal(model(x), ref)  # the model still works after the refused calls
 
 
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_a_patch_that_removes_nothing_traces_and_exports(family):
+    model = BUILDERS[family](2)
+    atc_patch.apply_patch(model, method="atc", r=0)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # check_trace=False: torchvision's MultiheadAttention fails trace's check unpatched too
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    torch.testing.assert_close(traced(x), ref)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), ref)
+
+
 # --- item 7: forward_intermediates, get_intermediate_layers, features_only ----------------------
 
 

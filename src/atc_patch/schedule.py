@@ -213,8 +213,10 @@ def warn_unreachable(
     what: str = "model",
 ) -> None:
     """Warn that ``method`` keeps ``kept`` tokens where the schedule's ``targets`` asked fewer."""
-    cap = " (ToMe removes at most half of the unprotected tokens per block)"
-    cap = cap if method == "tome" else ""
+    if method == "tome":
+        cap = " (ToMe removes at most half of the unprotected tokens per block)"
+    else:
+        cap = " (every method keeps at least one unprotected token)"
     warnings.warn(
         f"{method} cannot reach the token targets of {asked_by} on this {what}{cap}: of "
         f"{num_in} tokens it keeps {'/'.join(map(str, kept))} after the reduction locations "

@@ -253,15 +253,15 @@ def check_traceable(config: ViTReduction, reduces: bool) -> None:
         return
     how = None
     if torch.jit.is_tracing():
-        how = "torch.jit.trace"
+        how, graph = "torch.jit.trace", "a traced"
     elif torch.compiler.is_exporting():
-        how = "torch.export"
+        how, graph = "torch.export", "an exported"
     if how is not None:
         raise RuntimeError(
             f"{how} is not supported for a model patched by atc_patch (method="
-            f"{config.method!r}): which tokens merge depends on the input, which a "
-            f"{how.split('.')[-1]}d graph cannot follow. Use the eager model or torch.compile, "
-            "or atc_patch.remove_patch(model) before tracing/exporting (docs/timm.md)"
+            f"{config.method!r}): which tokens merge depends on the input, which {graph} "
+            "graph cannot follow. Use the eager model or torch.compile, or "
+            "atc_patch.remove_patch(model) before tracing/exporting (docs/timm.md)"
         )
 
 

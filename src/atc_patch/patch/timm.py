@@ -200,10 +200,10 @@ class _ReducingVisionTransformer:
         ``take``, its output unmerged to the ``(B, N0, C)`` grid.
         """
         config = _vit.get_config(self)
-        num_tokens = x.shape[1]
-        steps = config.block_steps(len(self.blocks), num_tokens)
         reduces = not config.schedule.is_identity()
         _vit.check_traceable(config, reduces)
+        num_tokens = x.shape[1]
+        steps = config.block_steps(len(self.blocks), num_tokens)
         if is_causal and reduces:
             raise ValueError("is_causal attention cannot be combined with token reduction")
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()

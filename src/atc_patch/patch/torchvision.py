@@ -85,9 +85,9 @@ class _ReducingEncoder:
         )
         x = self.dropout(input + self.pos_embedding)
         config = _vit.get_config(self)
+        _vit.check_traceable(config, not config.schedule.is_identity())
         num_tokens = x.shape[1]
         steps = config.block_steps(len(self.layers), num_tokens)
-        _vit.check_traceable(config, not config.schedule.is_identity())
         tokens = _vit.Tokens(x)
         for blk, step in zip(self.layers, steps):
             r = config.r_for(step, tokens.x.shape[1])
