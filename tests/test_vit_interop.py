@@ -104,7 +104,7 @@ def test_tome_keep_rate_below_half_aims_at_the_targets(family):
             warnings.simplefilter("ignore")
             atc_patch.apply_patch(model, method="tome", keep_rate=k, reduction_loc=(1, 2, 3))
             finals.append(token_counts(model, x)[-1])
-    assert finals == sorted(finals, reverse=True)  # main: 14, 9, 10, 14, 17
+    assert finals == sorted(finals, reverse=True)  # main: 14, 9, 12, 15, 21
     # The reference code's fixed deltas, on request: after the capped first block, block 1
     # removes int(64*.3) - int(64*.09) = 14, block 2 removes 4.
     with pytest.warns(UserWarning, match="keep_rate_mode='reference'"):
