@@ -191,6 +191,8 @@ def test_low_keep_rates_report_the_tokens_actually_kept(shipped) -> None:
     assert atc[1].tokens_per_block == "64/25/10/4"
     table = demo.format_table(results)
     assert "64/32/16/8" in table and "64/25/10/4" in table
+    ref = {"keep_rate": 0.3, "reduction_loc": 2, "keep_rate_mode": "reference"}
+    assert demo.describe_schedule(ref) == "keep 0.3 @ 2 reference"
 
 
 @pytest.mark.parametrize(

@@ -153,8 +153,10 @@ def evaluate(model: nn.Module, batches: Batches, label: str = "", schedule: str 
 def describe_schedule(options: dict[str, Any]) -> str:
     """A short name for a schedule given as ``apply_patch`` options."""
     if options.get("keep_rate") is not None:
-        locs = ",".join(str(v) for v in options.get("reduction_loc", ()))
-        return f"keep {options['keep_rate']:g} @ {locs}"
+        locs = options.get("reduction_loc", ())
+        locs = ",".join(str(v) for v in (locs if isinstance(locs, (list, tuple)) else [locs]))
+        mode = options.get("keep_rate_mode", "target")
+        return f"keep {options['keep_rate']:g} @ {locs}" + ("" if mode == "target" else f" {mode}")
     r = options.get("r", 0)
     if isinstance(r, (list, tuple)):
         return "r=[" + ",".join(str(v) for v in r) + "]"
