@@ -259,7 +259,7 @@ def test_attention_hooks_see_a_tensor():
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
-def test_jit_and_export_say_they_are_not_supported(family):
+def test_jit_says_it_is_not_supported(family):
     model = BUILDERS[family](2)
     atc_patch.apply_patch(model, method="atc", r=4)
     x = images()
@@ -269,15 +269,13 @@ def test_jit_and_export_say_they_are_not_supported(family):
         warnings.simplefilter("ignore")  # torch.jit.trace is deprecated
         with pytest.raises(RuntimeError, match="torch.jit.trace is not supported"):
             torch.jit.trace(model, (x,), check_trace=False)
-    with pytest.raises(RuntimeError, match="torch.export is not supported"):
-        torch.export.export(model, (x,))
     with torch.no_grad():
         ref = model(x)
         assert torch.equal(model(x), ref)  # the model still works after the refused calls
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
-def test_a_patch_that_removes_nothing_traces_and_exports(family):
+def test_a_patch_that_removes_nothing_traces(family):
     model = BUILDERS[family](2)
     atc_patch.apply_patch(model, method="atc", r=0)
     x = images()
@@ -288,7 +286,20 @@ def test_a_patch_that_removes_nothing_traces_and_exports(family):
         # check_trace=False: torchvision's MultiheadAttention fails trace's check unpatched too
         traced = torch.jit.trace(model, (x,), check_trace=False)
     torch.testing.assert_close(traced(x), ref)
-    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), ref)
+
+
+def test_export_refused_when_reducing_and_works_when_not():
+    # In a fresh process: torch.export breaks fork-based autograd (the DDP tests) in this one.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_export_worker.py")
+    out = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=600)
+    lines = out.stdout.split("\n")
+    for family in BUILDERS:
+        for check in ("refused", "identity"):
+            assert f"{family} {check} ok" in lines, out.stdout + out.stderr
 
 
 # --- item 7: forward_intermediates, get_intermediate_layers, features_only ----------------------
