@@ -120,7 +120,9 @@ def test_options_are_checked_like_the_vit_patches():
         (dict(keep_rate_mode="delta"), r"keep_rate_mode must be one of \('target', 'reference'\)"),
     ]:
         with pytest.raises(ValueError, match=match):
-            atc_patch.apply_patch(m, method="atc", **({"reduction_ratio": 0.5} | bad))
+            atc_patch.apply_patch(
+                m, method="atc", **({"reduction_ratio": 0.5, "reduction_loc": [1]} | bad)
+            )
     assert m.reduction is None and atc_patch.patch_settings(m) is None
 
 

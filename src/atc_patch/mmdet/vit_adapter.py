@@ -204,7 +204,9 @@ class ViTAdapter(BaseModule):
         )
         self.method = method
         self.linkage = None if self.reduction is None else self.reduction.linkage
-        self.reduction_loc = None if reduction_loc is None else list(reduction_loc)
+        if self.reduction is not None:  # validated: a list of Python ints
+            reduction_loc = list(self.reduction.reduction_loc)
+        self.reduction_loc = reduction_loc
         self.reduction_ratio = reduction_ratio
         self.proportional_attn = proportional_attn
         self.keep_rate_mode = keep_rate_mode
