@@ -168,3 +168,56 @@ def test_training_script_smoke(tmp_path: Path) -> None:
     assert digits.count_correct(model, images, labels) == info.test_correct
     shipped_images, shipped_labels = digits.load_test_split()
     assert torch.equal(images, shipped_images) and torch.equal(labels, shipped_labels)
+
+
+# --- issue 10: tokens actually kept, CLI arguments ------------------------------------------------
+
+
+def test_low_keep_rates_report_the_tokens_actually_kept(shipped) -> None:
+    """Below 0.5 ToMe is capped at half per block; it must still never keep more at a lower rate
+    (it kept 11 tokens at 0.4 and 14 at 0.3 before), and the table shows what it kept."""
+    model, _, images, labels = shipped
+    batches = [(digits.normalize(images[:16]), labels[:16])]
+    rates = (0.5, 0.4, 0.3)
+    schedules = [{"keep_rate": k, "reduction_loc": (1, 2, 3)} for k in rates]
+    methods = [("ATC average", "atc", "average"), ("ToMe", "tome", None)]
+    with pytest.warns(UserWarning, match="tome cannot reach the token targets"):
+        results = demo.run_study(model, batches, schedules, methods, progress=False)
+    by = {(r.label, r.schedule): r for r in results}
+    tome = [by["ToMe", f"keep {k:g} @ 1,2,3"] for k in rates]
+    atc = [by["ATC average", f"keep {k:g} @ 1,2,3"] for k in rates]
+    assert [r.tokens_per_block for r in tome] == ["64/32/16/8"] * 3  # halved in every block
+    assert [r.tokens_out for r in atc] == [int(64 * k**3) for k in rates] == [8, 4, 1]
+    assert atc[1].tokens_per_block == "64/25/10/4"
+    table = demo.format_table(results)
+    assert "64/32/16/8" in table and "64/25/10/4" in table
+    ref = {"keep_rate": 0.3, "reduction_loc": 2, "keep_rate_mode": "reference"}
+    assert demo.describe_schedule(ref) == "keep 0.3 @ 2 reference"
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
+        (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+        (["--threads", "0"], "--threads: must be >= 1, got 0"),
+        (["--keep_rate", "0"], r"--keep_rate: must be in \(0, 1\]"),
+        (["--reduction_loc", "1", "4"], "--reduction_loc: reduction_loc 4 is out of range"),
+    ],
+)
+def test_bad_command_line_values_are_usage_errors(argv, match, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        demo.run_demo([*argv, "--quick", "--no_progress", "--output_dir", "/nonexistent/x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: atc-patch" in err
+    assert __import__("re").search(match, err), err
+
+
+def test_package_ships_py_typed() -> None:
+    import tomllib
+
+    assert (Path(atc_patch.__file__).parent / "py.typed").is_file()
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["atc_patch"]
+    assert "py.typed" in data

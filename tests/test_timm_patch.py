@@ -421,7 +421,7 @@ def test_bad_options_name_the_valid_choices():
         atc_patch.apply_patch(model, method="tome", linkage="average")
     with pytest.raises(ValueError, match="single"):
         atc_patch.apply_patch(model, method="atc", linkage="ward")
-    with pytest.raises(TypeError, match="valid"):
+    with pytest.raises(ValueError, match="valid options.*ratio is the diffusion"):
         atc_patch.apply_patch(model, method="atc", ratio=0.5)
     with pytest.raises(ValueError, match="reduction_loc"):
         atc_patch.apply_patch(model, method="atc", keep_rate=0.5)

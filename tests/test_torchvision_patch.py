@@ -134,7 +134,7 @@ def test_bad_options():
     model = make(layers=1)
     with pytest.raises(ValueError, match="'atc', 'tome', 'kmedoids', 'dpcknn'"):
         atc_patch.apply_patch(model, method="tome_sd", r=2)
-    with pytest.raises(TypeError, match="valid"):
+    with pytest.raises(ValueError, match="valid options.*ratio is the diffusion"):
         atc_patch.apply_patch(model, method="atc", ratio=0.5)
     with pytest.raises(ValueError, match="out of range"):
         atc_patch.apply_patch(model, method="atc", keep_rate=0.5, reduction_loc=(1,))

@@ -70,3 +70,50 @@ def test_with_a_patched_model():
         model(torch.rand(1, 3, 32, 32))
     out = make_visualization(np.zeros((32, 32, 3), np.uint8), last_source(model), patch_size=8)
     assert out.size == (32, 32)
+
+
+# --- issue 10, item 17 ---------------------------------------------------------------------------
+
+
+def test_cluster_fill_draws_a_disconnected_cluster_in_one_colour():
+    # 3x3 patches of 8 px; cluster 0 is the four corners (no two touch), 1 the centre cross.
+    labels = [0, 1, 0, 1, 1, 1, 0, 1, 0]
+    arr = np.asarray(
+        make_visualization(_image(24, 24), _source(labels, 1), patch_size=8, fill="cluster")
+    )
+    centres = [tuple(arr[8 * (i // 3) + 4, 8 * (i % 3) + 4]) for i in range(9)]
+    assert len({centres[i] for i in (0, 2, 6, 8)}) == 1  # the corners share one colour
+    assert len(set(centres)) == 2  # two clusters, two colours (the image does not show through)
+    assert tuple(arr[0, 0]) == centres[0]  # no outline on the image border
+    assert tuple(arr[4, 7]) == (51, 51, 51)  # dark outline where two clusters meet
+
+
+def test_cluster_fill_colours_count_the_tokens_of_a_patched_model():
+    import timm
+
+    import atc_patch
+    from atc_patch.vis import last_source
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, depth=2, img_size=64, patch_size=8
+    ).eval()
+    atc_patch.apply_patch(model, method="atc", r=25, trace_source=True)
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64))
+    source = last_source(model)
+    assert source.shape[1] == 2 + 64 - 50
+    vis = make_visualization(
+        np.zeros((64, 64, 3), np.uint8), source, patch_size=8, class_token=2, fill="cluster"
+    )
+    arr = np.asarray(vis)
+    centres = {tuple(arr[8 * i + 4, 8 * j + 4]) for i in range(8) for j in range(8)}
+    assert len(centres) == 64 - 50
+
+
+def test_prefix_mismatch_names_the_fix():
+    # A distilled/register model: 2 prefix tokens, but the default class_token=True drops one.
+    with pytest.raises(ValueError, match=r"pass class_token=2, i.e. class_token=model.num_pre"):
+        make_visualization(_image(), _source([0, 1, 0, 1], 2), patch_size=8)
+    with pytest.raises(ValueError, match="fill must be one of"):
+        make_visualization(_image(), _source([0, 1, 0, 1], 1), patch_size=8, fill="solid")

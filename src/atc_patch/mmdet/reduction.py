@@ -3,11 +3,17 @@
 Two small pieces, both free of mmcv/mmdet so they read (and test) on their own:
 
 * :class:`Reduction`: validated settings (``method``, ``linkage``, ``reduction_loc``,
-  ``reduction_ratio``, ``proportional_attn``) that turn a block's attention keys into a
-  :class:`~atc_patch.kernel.plan.MergePlan` at the reduction locations. ``reduction_ratio`` is
-  the fraction of the *current* tokens kept at a location (``int(ratio * T)`` clusters, as the
-  ATC reference code), so reductions compound: ``0.7`` at blocks 3, 6, 9 keeps 70 %, 49 % and
-  34.3 % of the grid.
+  ``reduction_ratio``, ``proportional_attn``, ``keep_rate_mode``) that turn a block's attention
+  keys into a :class:`~atc_patch.kernel.plan.MergePlan` at the reduction locations.
+  ``reduction_ratio`` is the fraction of the tokens kept at a location, and reductions
+  compound: ``0.7`` at blocks 3, 6, 9 keeps 70 %, 49 % and 34.3 % of the grid. The *targets*
+  are ``T_j = max(1, int(ratio_j * T_{j-1}))`` from ``T_0 = h * w`` (``int(ratio * T)``
+  clusters, as the ATC reference code). When a method cannot reach a target (ToMe removes at
+  most half of the tokens in one step), ``keep_rate_mode`` says what the next locations do, as
+  for the ViT patches (:mod:`atc_patch.schedule`): ``"target"`` (default) aims at their
+  targets from the tokens actually left, and a missed target is reported by a warning (once
+  per input size); ``"reference"`` keeps ``int(ratio * T)`` of the ``T`` tokens each location
+  actually gets, as the reference code does.
 * :class:`TokenGrid`: the composite plan from the full ``h x w`` patch grid to the current
   (reduced) tokens, built up during one forward pass. It unmerges tokens to the grid wherever the
   adapter needs spatial features and merges grid features back onto the current clusters.
@@ -16,17 +22,26 @@ Two small pieces, both free of mmcv/mmdet so they read (and test) on their own:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
+from .._validate import as_bool, as_float, as_int_list
 from ..kernel import LINKAGES, cluster_tokens
 from ..kernel.plan import MergePlan
+from ..schedule import KEEP_RATE_MODES, Step, step_r, warn_unreachable
 
 METHODS = ("atc", "tome")
 """Token reduction methods the ViT-Adapter supports (``None`` means no reduction)."""
 
-REDUCTION_KEYS = ("linkage", "reduction_loc", "reduction_ratio", "proportional_attn")
+REDUCTION_KEYS = (
+    "linkage",
+    "reduction_loc",
+    "reduction_ratio",
+    "proportional_attn",
+    "keep_rate_mode",
+)
 """Options besides ``method`` that :func:`make_reduction` and ``apply_patch`` accept."""
 
 
@@ -40,6 +55,7 @@ class Reduction:
         reduction_loc: indices of the blocks that reduce (after their attention, before the MLP).
         reduction_ratio: per location, the fraction of the current tokens that is kept.
         proportional_attn: add ``log(size)`` to the attention logits of merged tokens (ToMe).
+        keep_rate_mode: ``"target"`` or ``"reference"``, see the module docstring.
     """
 
     method: str
@@ -47,6 +63,8 @@ class Reduction:
     reduction_loc: tuple[int, ...]
     reduction_ratio: tuple[float, ...]
     proportional_attn: bool = True
+    keep_rate_mode: str = "target"
+    _warned: set = field(default_factory=set, compare=False, repr=False)
 
     def keep_ratio(self, block: int) -> float | None:
         """The keep ratio of ``block``, or ``None`` when the block does not reduce."""
@@ -55,25 +73,74 @@ class Reduction:
         return None
 
     def num_kept(self, block: int, num_tokens: int) -> int:
-        """Tokens ``block`` asks to keep out of ``num_tokens``: ``max(1, int(ratio * T))``.
-
-        ToMe can remove at most half of the tokens in one step, so it may keep more.
-        """
+        """Tokens ``block`` keeps of ``num_tokens`` by its own ratio: ``max(1, int(ratio * T))``
+        (``num_tokens`` for a block that does not reduce)."""
         ratio = self.keep_ratio(block)
         return num_tokens if ratio is None else max(1, int(ratio * num_tokens))
 
-    def plan(self, block: int, metric: Tensor) -> MergePlan | None:
+    def targets(self, num_patches: int) -> dict[int, int]:
+        """``{block: tokens to keep}`` for every reduction location, ``num_patches`` grid cells:
+        ``T_j = max(1, int(ratio_j * T_{j-1}))`` from ``T_0 = num_patches``."""
+        out, t = {}, num_patches
+        for block in self.reduction_loc:
+            t = self.num_kept(block, t)
+            out[block] = t
+        return out
+
+    def step(self, block: int, num_patches: int | None, num_tokens: int) -> Step:
+        """What ``block`` is asked when ``num_tokens`` tokens enter it (``num_patches`` grid
+        cells; ``None``: unknown, the block then keeps ``int(ratio * T)`` of its own tokens)."""
+        if self.keep_ratio(block) is None:
+            return Step()
+        if self.keep_rate_mode == "reference" or num_patches is None:
+            return Step(keep=self.num_kept(block, num_tokens))
+        return Step(keep=self.targets(num_patches)[block])
+
+    def plan(self, block: int, metric: Tensor, num_patches: int | None = None) -> MergePlan | None:
         """The merge plan of ``block`` for its keys ``metric`` ``(B, T, C)``, or ``None``.
 
-        ``None`` is returned for blocks that do not reduce and for plans that keep every token,
-        so a ratio of 1.0 runs exactly the code path of an unreduced model.
+        ``num_patches`` (``h * w`` of this forward) sets the targets of ``keep_rate_mode=
+        "target"``. ``None`` is returned for blocks that do not reduce and for plans that keep
+        every token, so a ratio of 1.0 runs exactly the code path of an unreduced model.
         """
         if self.keep_ratio(block) is None:
             return None
         num_tokens = metric.shape[1]
-        r = num_tokens - self.num_kept(block, num_tokens)
+        if num_patches is not None and block == self.reduction_loc[0]:
+            self.check_reachable(num_patches)
+        r = step_r(self.step(block, num_patches, num_tokens), num_tokens, self.method)
         plan = cluster_tokens(metric, r, method=self.method, linkage=self.linkage)
         return None if plan.is_identity else plan
+
+    def check_reachable(self, num_patches: int) -> None:
+        """Warn (once per ``num_patches``) when the method misses a target on this grid."""
+        if num_patches in self._warned:
+            return
+        targets = self.targets(num_patches)
+        counts = expected_token_counts(self, max(self.reduction_loc) + 2, num_patches)
+        kept = [counts[block + 1] for block in self.reduction_loc]
+        if kept != list(targets.values()):
+            self._warned.add(num_patches)
+            warn_unreachable(
+                self.method,
+                f"reduction_ratio={list(self.reduction_ratio)} at reduction_loc="
+                f"{list(self.reduction_loc)}",
+                list(targets.values()),
+                kept,
+                num_patches,
+                self.keep_rate_mode,
+                "ViTAdapter",
+            )
+
+    def settings(self) -> dict[str, Any]:
+        """The values in use, as plain Python values (for ``patch_settings``)."""
+        return {
+            "linkage": self.linkage,
+            "reduction_loc": self.reduction_loc,
+            "reduction_ratio": self.reduction_ratio,
+            "proportional_attn": self.proportional_attn,
+            "keep_rate_mode": self.keep_rate_mode,
+        }
 
 
 def make_reduction(
@@ -83,6 +150,7 @@ def make_reduction(
     reduction_ratio: float | Sequence[float] | None = None,
     proportional_attn: bool = True,
     depth: int = 12,
+    keep_rate_mode: str = "target",
 ) -> Reduction | None:
     """Validate backbone settings and return a :class:`Reduction` (``None`` for no reduction).
 
@@ -94,6 +162,7 @@ def make_reduction(
         reduction_ratio: keep ratio in ``(0, 1]``, one for all locations or one per location.
         proportional_attn: proportional attention for merged tokens.
         depth: number of ViT blocks.
+        keep_rate_mode: ``"target"`` (default) or ``"reference"``, see the module docstring.
 
     Raises:
         ValueError: naming the valid choices, for any value that cannot be used, including
@@ -114,19 +183,18 @@ def make_reduction(
             raise ValueError(f"linkage must be one of {LINKAGES} for method='atc', got {linkage!r}")
     elif linkage is not None:
         raise ValueError(f"linkage applies to method='atc' only; use linkage=None with {method!r}")
+    if keep_rate_mode not in KEEP_RATE_MODES:
+        raise ValueError(f"keep_rate_mode must be one of {KEEP_RATE_MODES}, got {keep_rate_mode!r}")
     locs = _check_locs(reduction_loc, depth)
     ratios = _check_ratios(reduction_ratio, len(locs))
-    return Reduction(method, linkage, locs, ratios, bool(proportional_attn))
+    attn = as_bool("proportional_attn", proportional_attn)
+    return Reduction(method, linkage, locs, ratios, attn, keep_rate_mode)
 
 
-def _check_locs(reduction_loc: Sequence[int] | None, depth: int) -> tuple[int, ...]:
-    if isinstance(reduction_loc, int) and not isinstance(reduction_loc, bool):
-        reduction_loc = (reduction_loc,)
-    if reduction_loc is None or not isinstance(reduction_loc, Sequence):
-        raise ValueError(f"reduction_loc must be a list of block indices, got {reduction_loc!r}")
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in reduction_loc):
-        raise ValueError(f"reduction_loc must hold ints, got {list(reduction_loc)}")
-    locs = tuple(reduction_loc)
+def _check_locs(reduction_loc: Sequence[int] | int | None, depth: int) -> tuple[int, ...]:
+    if reduction_loc is None:
+        raise ValueError("reduction_loc must be a list of block indices, got None")
+    locs = as_int_list("reduction_loc", reduction_loc)
     if list(locs) != sorted(set(locs)) or any(not 0 <= v < depth for v in locs):
         raise ValueError(
             f"reduction_loc must be increasing, distinct block indices in [0, {depth}), "
@@ -141,9 +209,12 @@ def _check_ratios(ratio: float | Sequence[float] | None, num_locs: int) -> tuple
             "reduction_ratio is required with a method: the fraction of tokens kept at each "
             "reduction_loc, e.g. 0.7"
         )
-    values = list(ratio) if isinstance(ratio, Sequence) and not isinstance(ratio, str) else [ratio]
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-        raise ValueError(f"reduction_ratio must be a float or a list of floats, got {ratio!r}")
+    many = isinstance(ratio, Sequence) and not isinstance(ratio, (str, bytes))
+    many = many or getattr(ratio, "ndim", 0) >= 1  # numpy arrays, tensors
+    values = [
+        as_float(f"reduction_ratio[{i}]" if many else "reduction_ratio", v)
+        for i, v in enumerate(list(ratio) if many else [ratio])
+    ]
     if len(values) == 1:
         values = values * num_locs
     if len(values) != num_locs:
@@ -198,16 +269,16 @@ class TokenGrid:
 def expected_token_counts(reduction: Reduction | None, depth: int, num_patches: int) -> list[int]:
     """Tokens entering each of ``depth`` blocks for ``num_patches`` grid cells (for tests/docs).
 
-    ToMe's one-step limit (at most half of the tokens) is applied; ATC keeps ``int(ratio * T)``.
+    What a forward does: each location aims at its target (or, with ``keep_rate_mode=
+    "reference"``, keeps ``int(ratio * T)`` of its ``T`` tokens), clamped to what the method
+    can remove in one step (ToMe at most half).
     """
+    if reduction is None:
+        return [num_patches] * depth
     counts, t = [], num_patches
     for block in range(depth):
         counts.append(t)
-        if reduction is not None and reduction.keep_ratio(block) is not None:
-            r = t - reduction.num_kept(block, t)
-            if reduction.method == "tome":
-                r = min(r, t // 2)
-            t -= r
+        t -= step_r(reduction.step(block, num_patches, t), t, reduction.method)
     return counts
 
 

@@ -13,8 +13,10 @@ Forward pass for an image ``(B, 3, H, W)`` (``H``, ``W`` multiples of 32), grid
    b. **blocks** ``first .. last`` - a block listed in ``reduction_loc`` clusters its tokens by
       their attention keys after its attention (ATC or ToMe on the shared kernel) and merges
       each cluster size-weighted into one token before its MLP, keeping
-      ``int(reduction_ratio * T)`` of its ``T`` tokens. Merged tokens carry their size
-      (proportional attention). Reductions compound across blocks and stages;
+      ``int(reduction_ratio * T)`` of its ``T`` tokens (aiming at the compounded targets when
+      ToMe could not reach an earlier one, see :mod:`atc_patch.mmdet.reduction`). Merged
+      tokens carry their size (proportional attention). Reductions compound across blocks and
+      stages;
    c. **extractor** - ``c2..c4`` query the ViT tokens unmerged to the full grid.
 3. ``c2`` is upsampled into ``c1``; the ViT tokens, unmerged to the full grid, are resized and
    added to ``c1..c4``; four norms give the outputs.
@@ -96,6 +98,8 @@ class ViTAdapter(BaseModule):
         reduction_ratio: fraction of the current tokens kept at each location (one value or one
             per location).
         proportional_attn: proportional attention for merged tokens.
+        keep_rate_mode: ``"target"`` (default) or ``"reference"``: what a location does after
+            one whose target the method could not reach (:mod:`atc_patch.mmdet.reduction`).
         init_cfg: mmengine init config (e.g. ``dict(type='Pretrained', checkpoint=...)``).
     """
 
@@ -129,6 +133,7 @@ class ViTAdapter(BaseModule):
         reduction_ratio: float | Sequence[float] | None = None,
         proportional_attn: bool = True,
         init_cfg: dict | None = None,
+        keep_rate_mode: str = "target",
     ) -> None:
         super().__init__(init_cfg=init_cfg)
         if patch_size != 16:
@@ -139,7 +144,9 @@ class ViTAdapter(BaseModule):
         self.depth = depth
         self.pretrain_grid = pretrain_size // patch_size
         self.add_vit_feature = add_vit_feature
-        self.configure_reduction(method, linkage, reduction_loc, reduction_ratio, proportional_attn)
+        self.configure_reduction(
+            method, linkage, reduction_loc, reduction_ratio, proportional_attn, keep_rate_mode
+        )
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         # Slot 0 is the (unused) class-token position, so DeiT/ViT checkpoints load unchanged.
@@ -183,16 +190,26 @@ class ViTAdapter(BaseModule):
         reduction_loc: Sequence[int] | None = (3, 6, 9),
         reduction_ratio: float | Sequence[float] | None = None,
         proportional_attn: bool = True,
+        keep_rate_mode: str = "target",
     ) -> None:
         """Validate and set the token reduction (``ValueError`` naming valid choices)."""
         self.reduction: Reduction | None = make_reduction(
-            method, linkage, reduction_loc, reduction_ratio, proportional_attn, self.depth
+            method,
+            linkage,
+            reduction_loc,
+            reduction_ratio,
+            proportional_attn,
+            self.depth,
+            keep_rate_mode,
         )
         self.method = method
         self.linkage = None if self.reduction is None else self.reduction.linkage
-        self.reduction_loc = None if reduction_loc is None else list(reduction_loc)
+        if self.reduction is not None:  # validated: a list of Python ints
+            reduction_loc = list(self.reduction.reduction_loc)
+        self.reduction_loc = reduction_loc
         self.reduction_ratio = reduction_ratio
         self.proportional_attn = proportional_attn
+        self.keep_rate_mode = keep_rate_mode
 
     def reduction_settings(self) -> dict[str, Any]:
         """The backbone's reduction keys as given (``method=None`` when it does not reduce)."""
@@ -202,6 +219,7 @@ class ViTAdapter(BaseModule):
             reduction_loc=self.reduction_loc,
             reduction_ratio=self.reduction_ratio,
             proportional_attn=self.proportional_attn,
+            keep_rate_mode=self.keep_rate_mode,
         )
 
     # ------------------------------------------------------------------------------- init
@@ -235,11 +253,12 @@ class ViTAdapter(BaseModule):
             pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def _reducer(self, block: int) -> Reducer | None:
-        """What block ``block`` calls with its keys to get its merge plan (``None``: no merge)."""
+    def _reducer(self, block: int, num_patches: int) -> Reducer | None:
+        """What block ``block`` calls with its keys to get its merge plan (``None``: no merge);
+        ``num_patches`` is this forward's ``h * w`` grid (it sets the targets)."""
         if self.reduction is None or self.reduction.keep_ratio(block) is None:
             return None
-        return partial(self.reduction.plan, block)
+        return partial(self.reduction.plan, block, num_patches=num_patches)
 
     def forward(self, img: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Image ``(B, 3, H, W)``, ``H, W`` multiples of 32 -> four ``(B, D, H/s, W/s)`` maps,
@@ -262,7 +281,7 @@ class ViTAdapter(BaseModule):
         for stage, (first, last) in zip(self.interactions, self.stages):
             x = tokens.from_grid(stage.injector(tokens.to_grid(x), c, inject))
             for i in range(first, last + 1):
-                x, size, plan = self.blocks[i](x, size, self._reducer(i))
+                x, size, plan = self.blocks[i](x, size, self._reducer(i, h * w))
                 if plan is not None:
                     tokens.compose(plan)
                 if self.reduction is not None and not self.reduction.proportional_attn:

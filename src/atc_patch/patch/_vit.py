@@ -3,14 +3,16 @@
 A patched ViT runs its blocks itself and threads the per-forward token state through them
 explicitly, so nothing about one forward is stored where another forward could see it::
 
-    rs = config.block_r(len(blocks), x.shape[1])     # tokens each block removes, this forward
+    steps = config.block_steps(len(blocks), x.shape[1])  # what each block is asked, this forward
     tokens = Tokens(x, size=None, source=None, attn_mask=attn_mask)
-    for blk, r in zip(blocks, rs):
+    for blk, step in zip(blocks, steps):
+        r = config.r_for(step, tokens.x.shape[1])         # from the tokens actually left
         tokens = blk(tokens.x, tokens.attn_mask, r=r, size=tokens.size, source=tokens.source)
 
 Inside a block, between attention and MLP (as in ToMe), :func:`merge_step` asks the kernel for
 a plan from the attention keys averaged over heads and applies it to the hidden states, the
-token sizes, the source map and the caller's attention mask.
+token sizes, the source map, the caller's attention mask and (for ``forward_intermediates``)
+the map from the input grid to the current tokens.
 
 Only immutable configuration (:class:`ViTReduction`) is stored on modules. The source map of
 the last forward (``trace_source=True``) is kept per thread, see :func:`last_source`.
@@ -19,16 +21,16 @@ the last forward (``trace_source=True``) is kept per thread, see :func:`last_sou
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._validate import CROSS_FAMILY_HINTS, as_bool, check_options
 from ..kernel import LINKAGES, cluster_tokens
 from ..kernel.plan import MergePlan
-from ..schedule import Schedule, make_schedule
+from ..schedule import Schedule, Step, make_schedule, simulate, step_r
 
 VIT_METHODS = ("atc", "tome", "kmedoids", "dpcknn")
 VIT_OPTIONS = (
@@ -36,6 +38,7 @@ VIT_OPTIONS = (
     "r_schedule",
     "keep_rate",
     "reduction_loc",
+    "keep_rate_mode",
     "linkage",
     "prop_attn",
     "trace_source",
@@ -65,12 +68,31 @@ class ViTReduction:
     trace_source: bool
     protected: int
 
-    def block_r(self, num_blocks: int, num_tokens: int) -> list[int]:
-        """Tokens each of ``num_blocks`` blocks removes when ``num_tokens`` tokens enter block 0.
+    def block_steps(self, num_blocks: int, num_tokens: int) -> list[Step]:
+        """What each of ``num_blocks`` blocks is asked when ``num_tokens`` tokens enter block 0.
 
         Evaluated per forward, so ``keep_rate`` follows the input size (``dynamic_img_size``).
+        Warns once per input size when a ``keep_rate`` target cannot be reached by the method.
+        Turn each step into an ``r`` with :meth:`r_for` from the tokens entering that block.
         """
-        return self.schedule.per_block(num_blocks, max(num_tokens - self.protected, 0))
+        if not torch.compiler.is_compiling():
+            self.schedule.check_reachable(num_blocks, num_tokens, self.method, self.protected)
+        return self.schedule.steps(num_blocks, max(num_tokens - self.protected, 0))
+
+    def r_for(self, step: Step, num_tokens: int) -> int:
+        """Tokens a block removes when ``num_tokens`` tokens (prefix tokens included) enter it:
+        toward the step's target, clamped to what the method can remove."""
+        return step_r(step, num_tokens, self.method, self.protected)
+
+    def block_r(self, num_blocks: int, num_tokens: int) -> list[int]:
+        """Tokens each of ``num_blocks`` blocks removes when ``num_tokens`` tokens enter block 0
+        (what :meth:`block_steps` + :meth:`r_for` give in a forward; clamped, no warning).
+
+        Raises:
+            ValueError: for a ``reduction_loc`` or an ``r`` list past the last block.
+        """
+        steps = self.schedule.steps(num_blocks, max(num_tokens - self.protected, 0))
+        return simulate(steps, num_tokens, self.method, self.protected)
 
 
 class Tokens(NamedTuple):
@@ -82,19 +104,29 @@ class Tokens(NamedTuple):
         source: ``(B, N, N0)`` 0/1 map to the ``N0`` tokens that entered the first block;
             ``None`` before any merge or without ``trace_source``.
         attn_mask: the caller's attention mask, merged along with the tokens; or ``None``.
+        grid: ``(B, N0)`` int64, the current token each of the ``N0`` input tokens is merged
+            into; only tracked when the caller starts it (``forward_intermediates``), else
+            ``None``. :func:`to_grid` unmerges with it.
     """
 
     x: Tensor
     size: Tensor | None = None
     source: Tensor | None = None
     attn_mask: Tensor | None = None
+    grid: Tensor | None = None
 
 
-def make_reduction(method: str, protected: int, options: dict[str, Any]) -> ViTReduction:
-    """Validate ``apply_patch`` options for a ViT (``TypeError``/``ValueError`` on bad ones)."""
-    unknown = sorted(set(options) - set(VIT_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for a ViT patch; valid: {list(VIT_OPTIONS)}")
+def make_reduction(
+    method: str, protected: int, options: dict[str, Any], family: str = "a ViT"
+) -> ViTReduction:
+    """Validate ``apply_patch`` options for a ViT.
+
+    Raises:
+        ValueError: for an unknown option (listing :data:`VIT_OPTIONS`, with a hint for the
+            other families' options), a bad value (naming the valid choices), or neither ``r``
+            nor ``keep_rate`` given (a patch that would silently reduce nothing).
+    """
+    check_options(family, options, VIT_OPTIONS, hints=CROSS_FAMILY_HINTS["vit"])
     if method not in VIT_METHODS:
         raise ValueError(f"method must be one of {VIT_METHODS} for a ViT, got {method!r}")
     linkage = options.get("linkage")
@@ -105,34 +137,32 @@ def make_reduction(method: str, protected: int, options: dict[str, Any]) -> ViTR
             raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     elif method == "atc":
         linkage = "average"
-    for flag in ("prop_attn", "trace_source"):
-        if not isinstance(options.get(flag, False), bool):
-            raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+    prop_attn = as_bool("prop_attn", options.get("prop_attn", True))
+    trace_source = as_bool("trace_source", options.get("trace_source", False))
     schedule = make_schedule(
         r=options.get("r"),
         r_schedule=options.get("r_schedule", "constant"),
         keep_rate=options.get("keep_rate"),
         reduction_loc=options.get("reduction_loc"),
+        keep_rate_mode=options.get("keep_rate_mode", "target"),
+        required=True,
     )
     return ViTReduction(
         method=method,
         linkage=linkage,
         schedule=schedule,
-        prop_attn=options.get("prop_attn", True),
-        trace_source=options.get("trace_source", False),
+        prop_attn=prop_attn,
+        trace_source=trace_source,
         protected=protected,
     )
 
 
-def settings_of(config: ViTReduction, options: dict[str, Any]) -> dict[str, Any]:
-    """The settings reported by ``patch_settings``: every option, defaults filled in."""
-    r = options.get("r")
-    loc = options.get("reduction_loc")
+def settings_of(config: ViTReduction, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings reported by ``patch_settings``: the values in use, as plain Python values
+    (``r`` an int or a list of ints, ``reduction_loc`` a tuple of ints, ``keep_rate`` a float).
+    ``options`` is accepted for compatibility and not read."""
     return {
-        "r": list(r) if isinstance(r, Sequence) else r,
-        "r_schedule": options.get("r_schedule", "constant"),
-        "keep_rate": options.get("keep_rate"),
-        "reduction_loc": None if loc is None else tuple(loc),
+        **config.schedule.settings(),
         "linkage": config.linkage,
         "prop_attn": config.prop_attn,
         "trace_source": config.trace_source,
@@ -180,7 +210,8 @@ def merge_step(config: ViTReduction, metric: Tensor, r: int, tokens: Tokens) -> 
 
     Returns:
         The state with ``N - r`` tokens: size-weighted means of each cluster, summed sizes,
-        the merged source map (only with ``trace_source``) and the merged attention mask.
+        the merged source map (only with ``trace_source``), the merged attention mask and the
+        composed input-grid map (only when ``tokens.grid`` is tracked).
     """
     if r <= 0:
         return tokens
@@ -190,7 +221,62 @@ def merge_step(config: ViTReduction, metric: Tensor, r: int, tokens: Tokens) -> 
     source = plan.merge_source(tokens.source) if config.trace_source else None
     x, size = plan.merge_wavg(tokens.x, tokens.size)
     mask = None if tokens.attn_mask is None else merge_attn_mask(tokens.attn_mask, plan)
-    return Tokens(x, size, source, mask)
+    grid = None if tokens.grid is None else plan.labels.gather(1, tokens.grid)
+    return Tokens(x, size, source, mask, grid)
+
+
+def start_grid(x: Tensor) -> Tensor:
+    """The identity input-grid map ``(B, N0)`` of tokens ``x`` ``(B, N0, C)`` (for
+    :attr:`Tokens.grid`)."""
+    b, n = x.shape[:2]
+    return torch.arange(n, device=x.device).expand(b, n)
+
+
+def to_grid(x: Tensor, grid: Tensor | None) -> Tensor:
+    """Unmerge ``(B, N, C)`` tokens to the ``(B, N0, C)`` input grid: every input token gets
+    the token it was merged into (``grid`` from :attr:`Tokens.grid`; ``None``: ``x`` itself)."""
+    if grid is None:
+        return x
+    return x.gather(1, grid[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def check_traceable(config: ViTReduction, reduces: bool) -> None:
+    """Refuse ``torch.jit.trace`` and ``torch.export`` of a model that reduces tokens.
+
+    The merge plan depends on the data (which tokens are similar), so a trace would replay the
+    plan of the example input on every other input, and export cannot follow the clustering.
+
+    Raises:
+        RuntimeError: saying so and what works instead.
+    """
+    if not reduces:
+        return
+    how = None
+    if torch.jit.is_tracing():
+        how, graph = "torch.jit.trace", "a traced"
+    elif torch.compiler.is_exporting():
+        how, graph = "torch.export", "an exported"
+    if how is not None:
+        raise RuntimeError(
+            f"{how} is not supported for a model patched by atc_patch (method="
+            f"{config.method!r}): which tokens merge depends on the input, which {graph} "
+            "graph cannot follow. Use the eager model or torch.compile, or "
+            "atc_patch.remove_patch(model) before tracing/exporting (docs/timm.md)"
+        )
+
+
+def refuse_script(model: torch.nn.Module) -> None:
+    """``__prepare_scriptable__`` of patched modules: ``torch.jit.script`` cannot compile them.
+
+    Raises:
+        RuntimeError: saying so and what works instead.
+    """
+    raise RuntimeError(
+        f"torch.jit.script is not supported for a {type(model).__name__} patched by atc_patch "
+        "(the patched forwards use keyword-only arguments, named tuples and data-dependent "
+        "token counts). Use the eager model or torch.compile, or atc_patch.remove_patch(model) "
+        "before scripting (docs/timm.md)"
+    )
 
 
 def size_bias(size: Tensor | None, enabled: bool) -> Tensor | None:
@@ -250,9 +336,34 @@ def merge_attn_mask(mask: Tensor, plan: MergePlan) -> Tensor:
 # --- the source map of the last forward ---------------------------------------------------------
 
 
+class TraceSlot:
+    """Per-thread holder of the last forward's source map (``trace_source=True``).
+
+    Not state: ``copy.deepcopy`` and ``pickle`` (``torch.save``, ``timm.utils.ModelEmaV3``)
+    give the copy its own empty slot (shared by the modules that shared the original one).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def source(self) -> Tensor | None:
+        return getattr(self._local, "source", None)
+
+    @source.setter
+    def source(self, value: Tensor) -> None:
+        self._local.source = value
+
+    def __reduce__(self) -> tuple:
+        return (TraceSlot, ())
+
+    def __deepcopy__(self, memo: dict) -> TraceSlot:
+        return TraceSlot()
+
+
 def enable_trace(*modules: torch.nn.Module) -> None:
     """Give ``modules`` one shared per-thread slot for the last forward's source map."""
-    slot = threading.local()
+    slot = TraceSlot()
     for module in modules:
         object.__setattr__(module, _TRACE_ATTR, slot)
 
@@ -278,7 +389,7 @@ def last_source(model: torch.nn.Module) -> Tensor:
         ``(B, N_out, N0)`` 0/1 tensor: row ``i`` marks the tokens that entered the first block
         (prefix tokens first, then patches in raster order) merged into output token ``i``.
 
-    The map is kept in a per-thread slot (a ``threading.local`` created by ``apply_patch``):
+    The map is kept in a per-thread slot (a :class:`TraceSlot` created by ``apply_patch``):
     a forward in another thread never overwrites the map this thread reads. Replicas made by
     ``nn.DataParallel`` run in worker threads, so their maps stay in those threads' slots; read
     it from a forward on the model itself. The per-forward state (sizes, merged masks, the map
@@ -287,7 +398,7 @@ def last_source(model: torch.nn.Module) -> Tensor:
     slot = vars(model).get(_TRACE_ATTR)
     if slot is None:
         raise ValueError("the model was not patched with trace_source=True")
-    source = getattr(slot, "source", None)
+    source = slot.source
     if source is None:
         raise ValueError("no forward has run on this model in this thread since patching")
     return source

@@ -5,15 +5,18 @@ Three classes are swapped (reversibly, see :func:`~atc_patch.patch._common.swap_
 
 * ``VisionTransformer.forward_features`` runs the blocks itself and threads the per-forward
   token state (sizes, source map, merged attention mask) through them; the schedule is
-  evaluated per forward from the number of tokens that enter the first block.
+  evaluated per forward from the number of tokens that enter the first block, and each block's
+  ``r`` from the tokens actually left. ``forward_intermediates`` (and so
+  ``get_intermediate_layers`` and ``features_only=True`` models) runs the same reduced blocks
+  and returns each intermediate unmerged back to the full token grid.
 * ``Block.forward`` reduces tokens between attention and MLP when it is given ``r``; called
   the usual way (``blk(x)``) it behaves exactly like timm's block.
-* ``Attention.forward`` can also return the keys averaged over heads (the metric) and add
-  proportional attention ``log(size)`` to the mask. It keeps timm's choice of
+* ``Attention.forward`` can also hand out the keys averaged over heads (the metric, through
+  the ``keys_out`` list, so it still returns a tensor as timm's does) and add proportional
+  attention ``log(size)`` to the mask. It keeps timm's choice of
   ``F.scaled_dot_product_attention`` (``fused_attn``) or explicit softmax attention.
 
 The class/distillation/register tokens (``model.num_prefix_tokens``) are protected.
-``forward_intermediates`` is not patched and runs without reduction.
 """
 
 from __future__ import annotations
@@ -32,38 +35,67 @@ from ._common import PatchInfo, clear_patch_info, restore_class, set_patch_info,
 FAMILY = "timm"
 
 
-def matches(model: Any) -> bool:
-    """True for a timm ``VisionTransformer`` (or subclass), without importing timm."""
+def _vit_of(model: Any) -> Any | None:
+    """The ``VisionTransformer`` ``model`` is, or wraps (``features_only=True``), else ``None``."""
     vit = sys.modules.get("timm.models.vision_transformer")
-    return vit is not None and isinstance(model, vit.VisionTransformer)
+    if vit is None:
+        return None
+    if isinstance(model, vit.VisionTransformer):
+        return model
+    features = sys.modules.get("timm.models._features")
+    if features is not None and isinstance(model, features.FeatureGetterNet):
+        inner = getattr(model, "model", None)
+        if isinstance(inner, vit.VisionTransformer):
+            return inner
+    return None
+
+
+def matches(model: Any) -> bool:
+    """True for a timm ``VisionTransformer`` (or subclass), or a ``features_only=True`` model
+    (``FeatureGetterNet``) around one, without importing timm."""
+    return _vit_of(model) is not None
 
 
 def apply(model: nn.Module, method: str = "atc", **options: Any) -> None:
-    """Patch ``model`` in place; see :func:`atc_patch.apply_patch` for the options."""
-    _check_blocks(model)
-    config = _vit.make_reduction(method, int(model.num_prefix_tokens), options)
-    # Surface schedule errors (e.g. reduction_loc past the last block) now, not at forward.
-    config.block_r(len(model.blocks), model.patch_embed.num_patches + config.protected)
-    swap_class(model, _ReducingVisionTransformer)
-    _vit.set_config(model, config)
-    for blk in model.blocks:
+    """Patch ``model`` in place; see :func:`atc_patch.apply_patch` for the options.
+
+    A ``features_only=True`` model is patched through the ``VisionTransformer`` it wraps.
+    """
+    vit = _vit_of(model)
+    _check_blocks(vit)
+    protected = int(vit.num_prefix_tokens)
+    config = _vit.make_reduction(method, protected, options, family="a timm VisionTransformer")
+    # Surface schedule errors (e.g. reduction_loc past the last block) now, not at forward, and
+    # warn now about keep_rate targets the method cannot reach at the model's input size.
+    num_tokens = vit.patch_embed.num_patches + protected
+    config.block_r(len(vit.blocks), num_tokens)
+    config.schedule.check_reachable(len(vit.blocks), num_tokens, method, protected)
+    swap_class(vit, _ReducingVisionTransformer)
+    _vit.set_config(vit, config)
+    for blk in vit.blocks:
         swap_class(blk, _ReducingBlock)
         swap_class(blk.attn, _KeyedAttention)
         _vit.set_config(blk, config)
-    if config.trace_source:
-        _vit.enable_trace(model)
-    set_patch_info(model, PatchInfo(FAMILY, method, _vit.settings_of(config, options)))
+    if config.trace_source:  # one slot: the inner model writes, a wrapper reads it too
+        _vit.enable_trace(vit, *([model] if model is not vit else []))
+    info = PatchInfo(FAMILY, method, _vit.settings_of(config))
+    set_patch_info(vit, info)
+    set_patch_info(model, info)
 
 
 def remove(model: nn.Module) -> None:
     """Restore the original classes and drop every attribute :func:`apply` added."""
-    for blk in model.blocks:
+    vit = _vit_of(model)
+    for blk in vit.blocks:
         restore_class(blk.attn)
         restore_class(blk)
         _vit.clear_config(blk)
-    restore_class(model)
-    _vit.clear_config(model)
-    clear_patch_info(model)
+    restore_class(vit)
+    _vit.clear_config(vit)
+    clear_patch_info(vit)
+    if model is not vit:
+        _vit.clear_config(model)
+        clear_patch_info(model)
 
 
 def _check_blocks(model: nn.Module) -> None:
@@ -87,31 +119,117 @@ class _ReducingVisionTransformer:
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> Tensor:
         """``(B, 3, H, W)`` images -> ``(B, N', C)`` normed tokens, ``N'`` after reduction."""
+        x = self._atc_embed(x)
+        tokens, _ = self._atc_run_blocks(x, attn_mask, is_causal)
+        return self.norm(tokens.x)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` with token reduction (same arguments and outputs).
+
+        Every intermediate is the reduced block output unmerged back to the full token grid
+        (each patch gets the token it was merged into), so it has the unpatched shape:
+        ``(B, C, H, W)`` for ``output_fmt="NCHW"``, ``(B, N0 - prefix, C)`` for ``"NLC"``. The
+        final features (when returned) are the reduced ``(B, N', C)`` tokens, as
+        :meth:`forward_features` gives them.
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        b, _, height, width = x.shape
+        x = self._atc_embed(x)
+        last = max_index if stop_early else len(self.blocks) - 1
+        tokens, taken = self._atc_run_blocks(
+            x, attn_mask, is_causal, take=set(take_indices), last=last
+        )
+        intermediates = [self.norm(y) if norm else y for y in taken]
+        prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [
+                y.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(tokens.x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(tokens.x), intermediates
+
+    def __prepare_scriptable__(self) -> Any:
+        _vit.refuse_script(self)
+
+    def _atc_embed(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        x = self._atc_run_blocks(x, attn_mask, is_causal)
-        return self.norm(x)
+        return self.norm_pre(x)
 
-    def _atc_run_blocks(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    def _atc_run_blocks(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        take: set[int] | None = None,
+        last: int | None = None,
+    ) -> tuple[_vit.Tokens, list[Tensor]]:
+        """Run blocks ``0 .. last`` (all by default) on ``(B, N0, C)`` tokens ``x``.
+
+        Returns the final :class:`~atc_patch.patch._vit.Tokens` and, for each block index in
+        ``take``, its output unmerged to the ``(B, N0, C)`` grid.
+        """
         config = _vit.get_config(self)
+        reduces = not config.schedule.is_identity()
+        _vit.check_traceable(config, reduces)
         num_tokens = x.shape[1]
-        rs = config.block_r(len(self.blocks), num_tokens)
-        if is_causal and any(rs):
+        steps = config.block_steps(len(self.blocks), num_tokens)
+        if is_causal and reduces:
             raise ValueError("is_causal attention cannot be combined with token reduction")
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        tokens = _vit.Tokens(x, attn_mask=attn_mask)
-        for blk, r in zip(self.blocks, rs):
+        grid = _vit.start_grid(x) if take else None
+        tokens = _vit.Tokens(x, attn_mask=attn_mask, grid=grid)
+        taken = []
+        last = len(self.blocks) - 1 if last is None else last
+        for i, (blk, step) in enumerate(zip(self.blocks, steps)):
+            if i > last:
+                break
             args = (tokens.x, tokens.attn_mask, is_causal)
-            kwargs = {"r": r, "size": tokens.size, "source": tokens.source}
+            kwargs = {
+                "r": config.r_for(step, tokens.x.shape[1]),
+                "size": tokens.size,
+                "source": tokens.source,
+                "grid": tokens.grid,
+            }
             if use_ckpt:
                 tokens = checkpoint(blk, *args, use_reentrant=False, **kwargs)
             else:
                 tokens = blk(*args, **kwargs)
+            if take and i in take:
+                taken.append(_vit.to_grid(tokens.x, tokens.grid))
         if config.trace_source:
             _vit.store_source(self, tokens, num_tokens)
-        return tokens.x
+        return tokens, taken
 
 
 class _ReducingBlock:
@@ -126,30 +244,33 @@ class _ReducingBlock:
         r: int | None = None,
         size: Tensor | None = None,
         source: Tensor | None = None,
+        grid: Tensor | None = None,
     ) -> Tensor | _vit.Tokens:
         """Without ``r``: timm's block, ``(B, N, C) -> (B, N, C)``.
 
         With ``r`` (called by the patched model): ``(B, N, C)`` tokens with ``size``
-        ``(B, N, 1)`` and ``source`` ``(B, N, N0)`` -> :class:`~atc_patch.patch._vit.Tokens`
-        with ``N - r`` tokens.
+        ``(B, N, 1)``, ``source`` ``(B, N, N0)`` and ``grid`` ``(B, N0)`` ->
+        :class:`~atc_patch.patch._vit.Tokens` with ``N - r`` tokens.
         """
         if r is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         config = _vit.get_config(self)
         bias = _vit.size_bias(size, config.prop_attn)
+        keys: list[Tensor] | None = [] if r > 0 else None
         out = self.attn(
-            self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, bias=bias, keys=r > 0
+            self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, bias=bias, keys_out=keys
         )
-        out, metric = out if r > 0 else (out, None)
+        metric = keys[0] if keys else None
         x = x + self.drop_path1(self.ls1(out))
-        tokens = _vit.merge_step(config, metric, r, _vit.Tokens(x, size, source, attn_mask))
+        state = _vit.Tokens(x, size, source, attn_mask, grid)
+        tokens = _vit.merge_step(config, metric, r, state)
         x = tokens.x
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return tokens._replace(x=x)
 
 
 class _KeyedAttention:
-    """Mixin for ``timm.layers.Attention``: optionally return keys and add a size bias."""
+    """Mixin for ``timm.layers.Attention``: optionally hand out keys and add a size bias."""
 
     def forward(
         self,
@@ -158,10 +279,13 @@ class _KeyedAttention:
         is_causal: bool = False,
         *,
         bias: Tensor | None = None,
-        keys: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``(B, N, C) -> (B, N, C)``, plus the ``(B, N, head_dim)`` head-averaged keys if
-        ``keys``. ``bias`` ``(B, 1, 1, N)`` is added to the attention logits (with ``attn_mask``).
+        keys_out: list[Tensor] | None = None,
+    ) -> Tensor:
+        """``(B, N, C) -> (B, N, C)``, as timm's attention (so forward hooks see a tensor).
+
+        ``bias`` ``(B, 1, 1, N)`` is added to the attention logits (with ``attn_mask``). When a
+        list is given as ``keys_out``, the ``(B, N, head_dim)`` keys averaged over heads (the
+        clustering metric) are appended to it.
         """
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
@@ -195,7 +319,9 @@ class _KeyedAttention:
             out = out * gate
         out = self.proj(out)
         out = self.proj_drop(out)
-        return (out, k.mean(1)) if keys else out
+        if keys_out is not None:
+            keys_out.append(k.mean(1))
+        return out
 
 
 def _additive_mask(n: int, attn: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor | None:

@@ -3,7 +3,8 @@
 Two classes are swapped (reversibly):
 
 * ``Encoder.forward`` runs the encoder layers itself, threading the per-forward token state
-  through them; the schedule is evaluated per forward.
+  through them; the schedule is evaluated per forward, each layer's ``r`` from the tokens
+  actually left.
 * ``EncoderBlock.forward`` reduces tokens between attention and MLP when it is given ``r``.
   The metric is the attention keys averaged over heads, computed with the key part of the
   ``nn.MultiheadAttention`` in-projection (the module is kept as is, so unreduced blocks run
@@ -46,8 +47,12 @@ def apply(model: nn.Module, method: str = "atc", **options: Any) -> None:
             "atc_patch supports torchvision VisionTransformer models whose encoder is a "
             "torchvision Encoder of EncoderBlock layers"
         )
-    config = _vit.make_reduction(method, PROTECTED, options)
-    config.block_r(len(layers), model.encoder.pos_embedding.shape[1])  # schedule errors now
+    config = _vit.make_reduction(
+        method, PROTECTED, options, family="a torchvision VisionTransformer"
+    )
+    num_tokens = model.encoder.pos_embedding.shape[1]
+    config.block_r(len(layers), num_tokens)  # schedule errors now
+    config.schedule.check_reachable(len(layers), num_tokens, method, PROTECTED)
     swap_class(encoder, _ReducingEncoder)
     _vit.set_config(encoder, config)
     for blk in layers:
@@ -55,7 +60,7 @@ def apply(model: nn.Module, method: str = "atc", **options: Any) -> None:
         _vit.set_config(blk, config)
     if config.trace_source:
         _vit.enable_trace(model, encoder)  # one slot: the encoder writes, the model is read
-    set_patch_info(model, PatchInfo(FAMILY, method, _vit.settings_of(config, options)))
+    set_patch_info(model, PatchInfo(FAMILY, method, _vit.settings_of(config)))
 
 
 def remove(model: nn.Module) -> None:
@@ -80,13 +85,19 @@ class _ReducingEncoder:
         )
         x = self.dropout(input + self.pos_embedding)
         config = _vit.get_config(self)
+        _vit.check_traceable(config, not config.schedule.is_identity())
         num_tokens = x.shape[1]
+        steps = config.block_steps(len(self.layers), num_tokens)
         tokens = _vit.Tokens(x)
-        for blk, r in zip(self.layers, config.block_r(len(self.layers), num_tokens)):
+        for blk, step in zip(self.layers, steps):
+            r = config.r_for(step, tokens.x.shape[1])
             tokens = blk(tokens.x, r=r, size=tokens.size, source=tokens.source)
         if config.trace_source:
             _vit.store_source(self, tokens, num_tokens)
         return self.ln(tokens.x)
+
+    def __prepare_scriptable__(self) -> Any:
+        _vit.refuse_script(self)
 
 
 class _ReducingEncoderBlock:
