@@ -120,7 +120,7 @@ def agglomerative_labels_ws(
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     b, m = ws.d.shape[0], ws.m
-    if r <= 0:
+    if r <= 0 or b == 0:  # nothing to merge, or an empty batch: (B, M) labels all the same
         return torch.arange(m, device=ws.d.device).expand(b, m).clone()
     counter = {"rounds": 0, "syncs": 0}
     with torch.inference_mode():  # no autograd bookkeeping on the many small ops

@@ -21,7 +21,16 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
     norm is 0 stays the zero vector, so its cosine similarity to every token is 0 (cosine
     distance 1). The result is always finite. (The sanitising pass runs only when some norm is
     not finite, which a non-finite entry always causes.)
+
+    Raises:
+        ValueError: ``metric`` is a ``meta`` tensor: clustering needs its values.
     """
+    if metric.is_meta:
+        raise ValueError(
+            "cluster_tokens needs the metric's values, got a 'meta' tensor: the partition depends "
+            "on the data. Pass a CPU or CUDA tensor (under torch.compile / export the kernel's "
+            "registered op, where available, gives the output shapes without values)."
+        )
     x = metric.to(working_dtype(metric))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if not bool(torch.isfinite(norm).all()):
