@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .centers import canonical_labels
 from .scratch import scratch
+from .threads import with_kernel_threads
 
 LINKAGES = ("single", "complete", "average")
 _INF = float("inf")
@@ -107,6 +108,7 @@ def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None 
     return agglomerative_labels_ws(ws.finish(), r, linkage, stats)
 
 
+@with_kernel_threads
 def agglomerative_labels_ws(
     ws: Workspace, r: int, linkage: str, stats: dict | None = None
 ) -> Tensor:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .distance import normalize_tokens
 from .plan import MergePlan
+from .threads import with_kernel_threads
 
 
 def _labels_from_matching(
@@ -45,6 +46,7 @@ def _labels_from_matching(
     return labels, n_unm + nb
 
 
+@with_kernel_threads
 def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
     """ToMe's ``bipartite_soft_matching`` on ``metric`` ``(B, N, C)``.
 
@@ -79,6 +81,7 @@ def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
     return MergePlan(labels, protected + slots, validate=False)
 
 
+@with_kernel_threads
 def bipartite_random2d_plan(
     metric: Tensor,
     r: int,

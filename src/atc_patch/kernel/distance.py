@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .atc import Workspace, padded_width
 from .scratch import scratch
+from .threads import with_kernel_threads
 
 
 def working_dtype(x: Tensor) -> torch.dtype:
@@ -39,12 +40,14 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.div(x, norm.clamp_min_(torch.finfo(x.dtype).tiny), out=out)
 
 
+@with_kernel_threads
 def cosine_distance(metric: Tensor) -> Tensor:
     """``(B, N, C)`` -> ``(B, N, N)`` cosine distance ``1 - cos``, clamped to ``[0, 2]``."""
     x = normalize_tokens(metric)
     return (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
 
 
+@with_kernel_threads
 def negative_cosine_workspace(metric: Tensor) -> Workspace:
     """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, built by one matmul.
 
