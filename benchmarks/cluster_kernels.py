@@ -8,24 +8,45 @@ atc_patch (the machines are shared and noisy: compare ratios, not absolute milli
         --reduction_ratio 0.7 --linkage average complete single
 
 ``--input_sizes`` are image sizes (patch 16: 224 px -> 196 tokens); ``--tokens`` gives token
-counts directly (4096 = Stable Diffusion at 512 px). ``--batch_sizes`` are powers of two
-(6 -> 64). ``--reduction_ratio`` is the fraction of tokens KEPT (``K = int(ratio * N)``),
-as in the reference script.
+counts directly (4096 = Stable Diffusion at 512 px). ``--batch_sizes`` are log2 of the batch
+sizes, as in the reference script: 0 -> 1, 6 -> 64 (the actual sizes are printed).
+``--reduction_ratio`` is the fraction of tokens KEPT (``K = int(ratio * N)``), as in the
+reference script.
 
 Timing is round-robin (every framework once per round, in a shuffled order; the median over
-rounds). atc_patch keeps its CPU buffers between calls (``atc_patch.release_workspace``); the
-``atc_patch_cold`` columns free them before every call, i.e. what a first call costs.
+rounds). Ratios ``a_over_b`` are the median of the per-round ratios, with their min and max
+(``_lo``, ``_hi``) as the spread. atc_patch keeps its CPU buffers between calls
+(``atc_patch.release_workspace``); the ``atc_patch_cold`` columns free them before every call,
+i.e. what a first call costs. ``atc_patch_torch_threads`` runs the kernel on torch's thread
+setting whatever the load (``set_kernel_threads("torch")``, the behaviour before the kernel
+learnt to drop to one thread on an oversubscribed machine); ``atc_patch`` is the default
+(``"auto"``).
+
+``--baseline DIR`` also times another checkout's kernel (``DIR/atc_patch/kernel``, e.g. the
+``src`` folder of main) as ``baseline``, to compare before and after a change in one run.
+
+``--load N`` starts N busy processes (pure Python loops, ~one core each) for the timing, to
+measure an oversubscribed machine; they stop when the run ends, when this process dies, or
+after ``--load_seconds`` at the latest. ``--threads`` sets torch's intra-op threads.
+
+Needs scikit-learn for ``--framework sklearn`` / ``all``: ``pip install 'atc-patch[test]'``
+(or ``pip install scikit-learn``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
+import importlib.util
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +56,7 @@ from tqdm import tqdm
 from atc_patch.kernel.atc import agglomerative_labels_ws
 from atc_patch.kernel.distance import negative_cosine_workspace
 from atc_patch.kernel.scratch import release_workspace
+from atc_patch.kernel.threads import kernel_threads, set_kernel_threads
 
 FRAMEWORKS = ("sklearn", "scipy", "atc_patch")
 
@@ -79,10 +101,82 @@ def ours_cold(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     return ours(metric, k, linkage)
 
 
-def time_calls(fns: dict[str, Callable[[], object]], runs: int, throw_out: int) -> dict:
-    """Median wall time in ms of each function, timed round-robin: ``throw_out`` warm-up
-    rounds, then ``runs`` rounds in which every function runs once, in a shuffled order (so
-    that load changes on a shared machine, and cache effects, hit all of them alike)."""
+def load_baseline(src: str) -> Callable[..., torch.Tensor]:
+    """``ours`` with the kernel of another checkout (``src/atc_patch/kernel``), imported as a
+    separate package so that both versions live in this process."""
+    init = Path(src) / "atc_patch" / "kernel" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "_baseline_kernel", init, submodule_search_locations=[str(init.parent)]
+    )
+    if spec is None or spec.loader is None or not init.is_file():
+        raise SystemExit(f"--baseline: no kernel package at {init}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    atc = importlib.import_module("_baseline_kernel.atc")
+    distance = importlib.import_module("_baseline_kernel.distance")
+
+    def baseline(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
+        with torch.no_grad():
+            ws = distance.negative_cosine_workspace(metric)
+            return atc.agglomerative_labels_ws(ws, metric.shape[1] - k, linkage)
+
+    return baseline
+
+
+def ours_torch_threads(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
+    """atc_patch on torch's thread setting whatever the load (the kernel before "auto")."""
+    previous = set_kernel_threads("torch")
+    try:
+        return ours(metric, k, linkage)
+    finally:
+        set_kernel_threads(previous)
+
+
+_BUSY = """
+import os, sys, time
+end, parent = time.monotonic() + float(sys.argv[1]), os.getppid()
+while time.monotonic() < end and os.getppid() == parent:
+    for _ in range(100000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def competing_load(processes: int, seconds: float) -> Iterator[None]:
+    """Run ``processes`` busy Python processes (about one core each) during the block.
+
+    Each stops by itself after ``seconds`` or when this process dies; all are stopped (by
+    their process id) when the block ends.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUSY, str(seconds)]) for _ in range(processes)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def _need_sklearn() -> None:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "--framework sklearn/all needs scikit-learn: pip install 'atc-patch[test]' "
+            "(or pip install scikit-learn), or pass --framework scipy / atc_patch"
+        ) from None
+
+
+def time_calls(
+    fns: dict[str, Callable[[], object]], runs: int, throw_out: int
+) -> dict[str, list[float]]:
+    """Wall times in ms of each function (one per round), timed round-robin: ``throw_out``
+    warm-up rounds, then ``runs`` rounds in which every function runs once, in a shuffled
+    order (so that load changes on a shared machine, and cache effects, hit all alike)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     shuffle = random.Random(0).shuffle
@@ -94,7 +188,21 @@ def time_calls(fns: dict[str, Callable[[], object]], runs: int, throw_out: int) 
             fn()
             if rep >= throw_out:
                 times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -104,21 +212,67 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--patch_size", type=int, default=16)
     ap.add_argument("--tokens", type=int, nargs="*", default=[], help="token counts, as well")
     ap.add_argument("--emb_size", type=int, default=64)
-    ap.add_argument("--batch_sizes", type=int, nargs="*", default=[0, 6], help="powers of two")
+    ap.add_argument(
+        "--batch_sizes",
+        type=_non_negative_int,
+        nargs="*",
+        default=[0, 6],
+        help="log2 of the batch sizes, as in the reference script: 0 -> 1, 6 -> 64",
+    )
     ap.add_argument("--reduction_ratio", type=float, default=0.7, help="fraction of tokens kept")
     ap.add_argument("--linkage", nargs="*", default=["average", "complete", "single"])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--throw_out", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--runs", type=_positive_int, default=5)
+    ap.add_argument("--throw_out", type=_non_negative_int, default=1)
+    ap.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's)",
+    )
+    ap.add_argument(
+        "--load",
+        type=_non_negative_int,
+        nargs="?",
+        const=1,
+        default=0,
+        help="busy processes competing during the timing (--load alone: 1)",
+    )
+    ap.add_argument("--load_seconds", type=float, default=900, help="the busy processes' limit")
+    ap.add_argument("--baseline", default=None, help="src dir of a checkout to time as well")
     ap.add_argument("--output_dir", default="outputs/cluster_kernels")
     ap.add_argument("--no_plot", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     frameworks = FRAMEWORKS if args.framework == "all" else (args.framework,)
+    if "sklearn" in frameworks:
+        _need_sklearn()
     sizes = [(s // args.patch_size) ** 2 for s in args.input_sizes] + list(args.tokens)
-    configs = [(n, 2**b, link) for n in sizes for b in args.batch_sizes for link in args.linkage]
+    batches = [2**b for b in args.batch_sizes]
+    print(
+        f"batch sizes {batches} (2 ** --batch_sizes), tokens {sizes}, torch threads "
+        f"{torch.get_num_threads()}, {args.load} competing busy process(es), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    configs = [(n, batch, link) for n in sizes for batch in batches for link in args.linkage]
+    with competing_load(args.load, args.load_seconds):
+        rows = _run(configs, frameworks, args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "cluster_kernels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if not args.no_plot:
+        shown = [c[: -len("_ms")] for c in rows[0] if c.endswith("_ms")]
+        _plot(rows, tuple(shown), out / "cluster_kernels.png")
+    print(f"wrote {out / 'cluster_kernels.csv'}")
+    return rows
+
+
+def _run(configs: list[tuple[int, int, str]], frameworks: tuple[str, ...], args) -> list[dict]:
     rows: list[dict] = []
+    baseline = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator().manual_seed(0)
     for n, batch, link in tqdm(configs, desc="kernels"):
         metric = torch.randn(batch, n, args.emb_size, generator=gen)
@@ -127,30 +281,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ours(metric, k, link, stats)
         row = {"tokens": n, "batch": batch, "clusters": k, "linkage": link}
         row.update(rounds=stats.get("rounds", 0), host_syncs=stats.get("syncs", 0))
+        row.update(threads=torch.get_num_threads(), load=args.load)
+        with kernel_threads("cpu"):  # what "auto" picks now (1 when oversubscribed)
+            row["auto_threads"] = torch.get_num_threads()
+        row["loadavg"] = round(os.getloadavg()[0], 1)
         fns = {"sklearn": sklearn_loop, "scipy": scipy_loop, "atc_patch": ours}
         calls = {fw: functools.partial(fns[fw], metric, k, link) for fw in frameworks}
+        ours_names = []
         if "atc_patch" in frameworks:
             calls["atc_patch_cold"] = functools.partial(ours_cold, metric, k, link)
-        for fw, ms in time_calls(calls, args.runs, args.throw_out).items():
-            row[f"{fw}_ms"] = round(ms, 2)
-        if "atc_patch" in frameworks:
-            for fw in frameworks:
-                if fw != "atc_patch":
-                    for ours_name in ("atc_patch", "atc_patch_cold"):
-                        ratio = row[f"{fw}_ms"] / row[f"{ours_name}_ms"]
-                        row[f"{fw}_over_{ours_name}"] = round(ratio, 2)
+            calls["atc_patch_torch_threads"] = functools.partial(
+                ours_torch_threads, metric, k, link
+            )
+            ours_names = ["atc_patch", "atc_patch_cold", "atc_patch_torch_threads"]
+        if baseline is not None:
+            calls["baseline"] = functools.partial(baseline, metric, k, link)
+        times = time_calls(calls, args.runs, args.throw_out)
+        for fw, ts in times.items():
+            row[f"{fw}_ms"] = round(statistics.median(ts), 2)
+        pairs = [(fw, o) for fw in frameworks if fw != "atc_patch" for o in ours_names[:2]]
+        if ours_names:
+            pairs.append(("atc_patch_torch_threads", "atc_patch"))
+        if ours_names and baseline is not None:
+            pairs += [("baseline", "atc_patch"), ("baseline", "atc_patch_torch_threads")]
+        for a, b in pairs:
+            ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+            row[f"{a}_over_{b}"] = round(statistics.median(ratios), 2)
+            row[f"{a}_over_{b}_lo"] = round(min(ratios), 2)
+            row[f"{a}_over_{b}_hi"] = round(max(ratios), 2)
         rows.append(row)
         tqdm.write(str(row))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "cluster_kernels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    if not args.no_plot:
-        shown = (*frameworks, "atc_patch_cold") if "atc_patch" in frameworks else frameworks
-        _plot(rows, shown, out / "cluster_kernels.png")
-    print(f"wrote {out / 'cluster_kernels.csv'}")
     return rows
 
 

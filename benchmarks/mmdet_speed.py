@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from atc_patch.kernel.threads import set_kernel_threads
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -45,6 +47,23 @@ class Variant:
         )
 
 
+def _threads_arg(text: str) -> int:
+    """``--threads``: torch's intra-op threads, an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+def _kernel_policy(text: str) -> str | int:
+    """``--kernel_threads``: ``auto``, ``torch`` or an int >= 1 (see set_kernel_threads)."""
+    if text in ("auto", "torch"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be auto, torch or an int >= 1, got {text!r}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["t", "s"], default="t", help="ViT-Adapter-T or -S")
@@ -56,7 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument(
+        "--threads",
+        type=_threads_arg,
+        default=None,
+        help="torch intra-op threads (default: torch's)",
+    )
+    p.add_argument(
+        "--kernel_threads",
+        type=_kernel_policy,
+        default="auto",
+        help="the clustering kernel's thread policy (atc_patch.kernel.threads): auto, torch or n",
+    )
     p.add_argument("--out", default="mmdet_speed.csv", help="CSV path")
     return p.parse_args(argv)
 
@@ -115,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_kernel_threads(args.kernel_threads)
     detector = build_detector(args.model)
     backbone = detector.backbone
     rows = []

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .centers import canonical_labels
 from .scratch import scratch
+from .threads import with_kernel_threads
 
 LINKAGES = ("single", "complete", "average")
 _INF = float("inf")
@@ -107,6 +108,7 @@ def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None 
     return agglomerative_labels_ws(ws.finish(), r, linkage, stats)
 
 
+@with_kernel_threads
 def agglomerative_labels_ws(
     ws: Workspace, r: int, linkage: str, stats: dict | None = None
 ) -> Tensor:
@@ -120,7 +122,7 @@ def agglomerative_labels_ws(
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     b, m = ws.d.shape[0], ws.m
-    if r <= 0:
+    if r <= 0 or b == 0:  # nothing to merge, or an empty batch: (B, M) labels all the same
         return torch.arange(m, device=ws.d.device).expand(b, m).clone()
     counter = {"rounds": 0, "syncs": 0}
     with torch.inference_mode():  # no autograd bookkeeping on the many small ops

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .distance import normalize_tokens
 from .plan import MergePlan
+from .threads import with_kernel_threads
 
 
 def _labels_from_matching(
@@ -45,6 +46,7 @@ def _labels_from_matching(
     return labels, n_unm + nb
 
 
+@with_kernel_threads
 def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
     """ToMe's ``bipartite_soft_matching`` on ``metric`` ``(B, N, C)``.
 
@@ -76,9 +78,10 @@ def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
         if protected:
             fixed = torch.arange(protected, device=metric.device).expand(bsz, protected)
             labels = torch.cat([fixed, labels], dim=1)
-    return MergePlan(labels, protected + slots)
+    return MergePlan(labels, protected + slots, validate=False)
 
 
+@with_kernel_threads
 def bipartite_random2d_plan(
     metric: Tensor,
     r: int,
@@ -141,4 +144,4 @@ def bipartite_random2d_plan(
         scores = a @ b.transpose(-1, -2)
         r = min(r, a.shape[1])
         labels, slots = _labels_from_matching(a_idx, b_idx, scores, r, False, 0)
-    return MergePlan(labels, slots)
+    return MergePlan(labels, slots, validate=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .threads import with_kernel_threads
+
 
 def canonical_labels(labels: Tensor, num_clusters: int) -> Tensor:
     """Renumber ``(B, M)`` labels so clusters appear in order of their smallest token."""
@@ -31,6 +33,7 @@ def _assign(dist: Tensor, centres: Tensor) -> Tensor:
     return labels.scatter(1, centres, own)
 
 
+@with_kernel_threads
 def kmedoids_labels(dist: Tensor, num_clusters: int, iters: int) -> Tensor:
     """K-Medoids (alternating assignment / medoid update) on ``dist`` ``(B, M, M)``.
 
@@ -69,6 +72,7 @@ def kmedoids_labels(dist: Tensor, num_clusters: int, iters: int) -> Tensor:
     return canonical_labels(labels, num_clusters)
 
 
+@with_kernel_threads
 def dpcknn_labels(dist: Tensor, num_clusters: int, k: int) -> Tensor:
     """DPC-KNN as in TCFormer's ``cluster_dpc_knn``, on cosine distances ``(B, M, M)``.
 

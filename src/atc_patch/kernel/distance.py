@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .atc import Workspace, padded_width
 from .scratch import scratch
+from .threads import with_kernel_threads
 
 
 def working_dtype(x: Tensor) -> torch.dtype:
@@ -21,7 +22,16 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
     norm is 0 stays the zero vector, so its cosine similarity to every token is 0 (cosine
     distance 1). The result is always finite. (The sanitising pass runs only when some norm is
     not finite, which a non-finite entry always causes.)
+
+    Raises:
+        ValueError: ``metric`` is a ``meta`` tensor: clustering needs its values.
     """
+    if metric.is_meta:
+        raise ValueError(
+            "cluster_tokens needs the metric's values, got a 'meta' tensor: the partition depends "
+            "on the data. Pass a CPU or CUDA tensor (under torch.compile / export the kernel's "
+            "registered op, where available, gives the output shapes without values)."
+        )
     x = metric.to(working_dtype(metric))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if not bool(torch.isfinite(norm).all()):
@@ -30,12 +40,14 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.div(x, norm.clamp_min_(torch.finfo(x.dtype).tiny), out=out)
 
 
+@with_kernel_threads
 def cosine_distance(metric: Tensor) -> Tensor:
     """``(B, N, C)`` -> ``(B, N, N)`` cosine distance ``1 - cos``, clamped to ``[0, 2]``."""
     x = normalize_tokens(metric)
     return (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
 
 
+@with_kernel_threads
 def negative_cosine_workspace(metric: Tensor) -> Workspace:
     """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, built by one matmul.
 

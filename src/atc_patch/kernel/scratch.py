@@ -4,19 +4,57 @@ ATC works in an ``(B, N+1, W)`` distance matrix and a few row buffers of similar
 multi-megabyte CPU tensor costs a page fault per 4 KiB page on first touch (glibc hands large
 blocks back to the OS on free), and on a 4096-token Stable Diffusion level that was a quarter
 of the kernel's time. So on the CPU the kernel keeps its buffers between calls, one set per
-thread, growing to the largest size seen, much as PyTorch's caching allocator does on CUDA (on
-other devices :func:`scratch` simply allocates). :func:`release_workspace` frees them.
+thread (concurrent calls never share one), growing to the largest size seen, much as PyTorch's
+caching allocator does on CUDA (on other devices :func:`scratch` simply allocates).
+
+What is kept is bounded (:func:`set_workspace_limits`): at most ``max_threads`` threads keep
+buffers (8 by default) and, if set, ``max_bytes`` in all; when a thread's buffers grow past a
+limit, the least recently used *other* threads' buffers are dropped (they are re-created by
+those threads' next call). A thread's buffers go when the thread ends.
+:func:`release_workspace` frees every thread's buffers (or only the caller's). A buffer that a
+call in flight is using is freed when that call returns: dropping it never disturbs the call.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
+import weakref
 
 import torch
 from torch import Tensor
 
-_local = threading.local()
+__all__ = ["release_workspace", "scratch", "set_workspace_limits", "workspace_bytes"]
+
+
+class _Workspace:
+    """One thread's buffers: ``(name, dtype) -> 1-D tensor``, and when they were last used."""
+
+    __slots__ = ("__weakref__", "buffers", "last_used")
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.last_used = 0
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in list(self.buffers.values()))
+
+
+_local = threading.local()  # .ws: this thread's _Workspace (dropped with the thread)
+_lock = threading.Lock()  # guards _all and _limits (taken only when a buffer grows or on release)
+_all: weakref.WeakSet[_Workspace] = weakref.WeakSet()  # every live thread's workspace
+_clock = itertools.count(1)
+_limits = {"max_threads": 8, "max_bytes": None}
+
+
+def _mine() -> _Workspace:
+    ws = getattr(_local, "ws", None)
+    if ws is None:
+        ws = _local.ws = _Workspace()
+        with _lock:
+            _all.add(ws)
+    return ws
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -27,22 +65,85 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     """
     if torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    buffers: dict = _local.__dict__.setdefault("buffers", {})
+    ws = _mine()
+    ws.last_used = next(_clock)
+    buffers = ws.buffers  # a release from another thread swaps the dict, never edits this one
     numel = math.prod(shape)
     key = (name, dtype)
-    if key not in buffers or buffers[key].numel() < numel:
-        buffers.pop(key, None)  # free the old one before allocating the new one
+    old = buffers.get(key)
+    if old is None or old.numel() < numel:
+        buffers.pop(key, None)
+        del old  # free the old one before allocating the new one
         with torch.inference_mode(False):  # a normal tensor, writable in and out of that mode
             buffers[key] = torch.empty(numel, dtype=dtype)
+        _enforce_limits(ws)
     return buffers[key][:numel].view(shape)
 
 
-def release_workspace() -> None:
-    """Free the calling thread's kernel buffers (they are re-created on the next call)."""
-    _local.__dict__.pop("buffers", None)
+def _enforce_limits(grown: _Workspace) -> None:
+    """Drop the least recently used other threads' buffers until the limits hold."""
+    with _lock:
+        max_threads, max_bytes = _limits["max_threads"], _limits["max_bytes"]
+        holding = [ws for ws in _all if ws.buffers]
+        others = sorted((ws for ws in holding if ws is not grown), key=lambda ws: ws.last_used)
+        total = sum(ws.nbytes() for ws in holding) if max_bytes is not None else 0
+        count = len(holding)
+        for ws in others:
+            over_count = max_threads is not None and count > max_threads
+            over_bytes = max_bytes is not None and total > max_bytes
+            if not (over_count or over_bytes):
+                break
+            total -= ws.nbytes() if max_bytes is not None else 0
+            ws.buffers = {}
+            count -= 1
 
 
-def workspace_bytes() -> int:
-    """Bytes the calling thread's kernel buffers hold."""
-    buffers = _local.__dict__.get("buffers", {})
-    return sum(b.numel() * b.element_size() for b in buffers.values())
+def set_workspace_limits(
+    max_threads: int | None = 8, max_bytes: int | None = None
+) -> dict[str, int | None]:
+    """Bound the kernel buffers kept between calls (CPU). Returns the previous limits.
+
+    Args:
+        max_threads: at most this many threads keep buffers (``None``: no limit).
+        max_bytes: at most this many bytes in all threads (``None``: no limit). The calling
+            thread always keeps what its current call needs, even beyond ``max_bytes``.
+
+    Raises:
+        ValueError: a limit that is not ``None`` or an int >= 1 (``max_bytes`` >= 0).
+    """
+    for name, value, low in (("max_threads", max_threads, 1), ("max_bytes", max_bytes, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
+    with _lock:
+        previous = dict(_limits)
+        _limits.update(max_threads=max_threads, max_bytes=max_bytes)
+    _enforce_limits(_mine())
+    return previous
+
+
+def release_workspace(all_threads: bool = True) -> None:
+    """Free the kernel's CPU buffers (they are re-created by the next call that needs them).
+
+    Args:
+        all_threads: free every thread's buffers (default), or only the calling thread's.
+            Buffers that a call in flight in another thread is using are freed when it returns.
+    """
+    if not all_threads:
+        ws = getattr(_local, "ws", None)
+        if ws is not None:
+            ws.buffers = {}
+        return
+    with _lock:
+        for ws in list(_all):
+            ws.buffers = {}
+
+
+def workspace_bytes(all_threads: bool = False) -> int:
+    """Bytes the kernel's CPU buffers hold: the calling thread's, or every thread's."""
+    if all_threads:
+        with _lock:
+            return sum(ws.nbytes() for ws in list(_all))
+    ws = getattr(_local, "ws", None)
+    return 0 if ws is None else ws.nbytes()
