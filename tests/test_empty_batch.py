@@ -60,18 +60,8 @@ def test_timm_vit_empty_batch(method: str) -> None:
     assert out.shape == (0, 7)
 
 
-def _torchvision_case(method: str, prop_attn: bool):
-    marks = ()
-    if prop_attn:  # torch's MultiheadAttention cannot reshape a (0, N, N) mask: fix in the patch
-        marks = pytest.mark.xfail(
-            strict=True, reason="patch/torchvision.py passes a (0, N, N) mask to MHA (issue 10.4)"
-        )
-    return pytest.param(method, prop_attn, marks=marks)
-
-
 @pytest.mark.parametrize(
-    ("method", "prop_attn"),
-    [_torchvision_case(m, p) for m in ("atc", "tome") for p in (False, True)],
+    ("method", "prop_attn"), [(m, p) for m in ("atc", "tome") for p in (False, True)]
 )
 def test_torchvision_vit_empty_batch(method: str, prop_attn: bool) -> None:
     model = torchvision.models.VisionTransformer(

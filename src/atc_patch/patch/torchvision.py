@@ -133,8 +133,11 @@ class _ReducingEncoderBlock:
 
 
 def _mha_mask(bias: Tensor | None, num_heads: int, dtype: torch.dtype) -> Tensor | None:
-    """``(B, 1, 1, N)`` key bias -> ``(B * heads, N, N)`` float mask for ``MultiheadAttention``."""
-    if bias is None:
+    """``(B, 1, 1, N)`` key bias -> ``(B * heads, N, N)`` float mask for ``MultiheadAttention``.
+
+    ``None`` for an empty batch, whose ``(0, N, N)`` mask ``MultiheadAttention`` cannot take.
+    """
+    if bias is None or bias.shape[0] == 0:
         return None
     b, n = bias.shape[0], bias.shape[-1]
     return bias.to(dtype).expand(b, num_heads, n, n).reshape(b * num_heads, n, n)
