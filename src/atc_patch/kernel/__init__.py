@@ -69,9 +69,12 @@ def cluster_tokens(
         linkage: for ``"atc"`` only, one of :data:`LINKAGES` (default ``"average"``).
         protected: the first ``protected`` tokens (class/distillation/register tokens) never
             merge and keep output slots ``0 .. protected-1`` in order.
-        h, w, sx, sy, no_rand, generator: ``"tome_sd"`` only: the ``h x w`` token grid, the
-            ``sx x sy`` window holding one destination token, top-left destinations when
-            ``no_rand``, and the ``torch.Generator`` drawing them otherwise.
+        h: ``"tome_sd"`` only: the height of the ``h x w`` token grid (``N = h * w``).
+        w: ``"tome_sd"`` only: its width.
+        sx: ``"tome_sd"`` only: the width of the ``sx x sy`` window holding one destination.
+        sy: ``"tome_sd"`` only: the window's height.
+        no_rand: ``"tome_sd"`` only: top-left destinations instead of random ones.
+        generator: ``"tome_sd"`` only: the ``torch.Generator`` drawing the destinations.
         k: ``"dpcknn"`` only, neighbours used for the density.
         iters: ``"kmedoids"`` only, maximum assignment/update iterations.
 
