@@ -48,6 +48,7 @@ CLASSES = {
     "vit_cls": T.ViTForImageClassification,
     "deit_teacher": T.DeiTForImageClassificationWithTeacher,
     "dinov2": T.Dinov2Model,
+    "dinov2_cls": T.Dinov2ForImageClassification,
     "dinov2_reg": T.Dinov2WithRegistersModel,
     "clip_vision": T.CLIPVisionModel,
     "clip": T.CLIPModel,
@@ -86,7 +87,7 @@ def run(model: torch.nn.Module, x: torch.Tensor, **kw) -> dict:
 
 
 def vision(model: torch.nn.Module) -> torch.nn.Module:
-    for attr in ("vit", "deit", "vision_model"):
+    for attr in ("vit", "deit", "dinov2", "vision_model"):
         if hasattr(model, attr):
             return getattr(model, attr)
     return model
@@ -388,6 +389,9 @@ def test_backend_without_bias_is_refused():
     with pytest.raises(ValueError, match="prop_attn=True.*flash_attention_2"):
         atc_patch.apply_patch(model, method="tome", r=4)
     atc_patch.apply_patch(model, method="tome", r=4, prop_attn=False)  # no bias: fine
+    flex = make("vit", "flex_attention")  # its tensor masks crash on the CPU, so refused too
+    with pytest.raises(ValueError, match="'flex_attention' cannot take"):
+        atc_patch.apply_patch(flex, method="atc", r=4)
     # a backend switched to after patching: refused at the first layer that needs the bias
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -9,8 +9,8 @@ Two kinds of modules are swapped (reversibly):
   capture (``output_hidden_states``/``output_attentions``: each layer's own token count).
 * every layer reduces tokens between attention and MLP when it is given ``r``; called the usual
   way it is transformers' layer. The attention module is not touched: proportional attention
-  is its additive ``attention_mask`` (``"eager"``, ``"sdpa"``, ``"flex_attention"``; other
-  backends raise), and the metric, the keys averaged over heads, is ``h`` times the
+  is its additive ``attention_mask`` (``"eager"``, ``"sdpa"``; other backends raise unless
+  ``prop_attn=False``), and the metric, the keys averaged over heads, is ``h`` times the
   head-averaged key weights (the same linear map, ``1/heads`` of the key projection's cost).
 
 Protected: class token; DeiT's distillation token; DINOv2's register tokens; none for SigLIP.
@@ -37,7 +37,9 @@ from ._common import PatchInfo, clear_patch_info, restore_class, set_patch_info,
 
 FAMILY = "transformers"
 OPTIONS = (*_vit.VIT_OPTIONS, "unmerge")
-BIAS_BACKENDS = ("eager", "sdpa", "flex_attention")  # take an additive float attention mask
+# Backends that take the proportional-attention bias as an additive float mask. flex_attention
+# is left out: a tensor mask makes it crash on the CPU (torch 2.14, unpatched models too).
+BIAS_BACKENDS = ("eager", "sdpa")
 _UNMERGE_ATTR = "_atc_unmerge"
 
 # --- the tables: one line per supported class -------------------------------------------------
@@ -361,11 +363,8 @@ def _attention_mask(attn: nn.Module, mask: Any, bias: Tensor | None, h: Tensor) 
     """The layer's ``attention_mask`` plus the ``(B, 1, 1, N)`` proportional-attention ``bias``."""
     if bias is None:
         return mask
-    impl = attn.config._attn_implementation
-    _check_backend(impl)
-    mask = _vit.combine_masks(mask, bias, _compute_dtype(h))
-    n = h.shape[1]  # flex attention's score_mod indexes the mask by query too
-    return mask.expand(-1, -1, n, n) if impl == "flex_attention" else mask
+    _check_backend(attn.config._attn_implementation)
+    return _vit.combine_masks(mask, bias, _compute_dtype(h))
 
 
 def _mean_keys(attn: nn.Module, h: Tensor) -> Tensor:
