@@ -303,5 +303,5 @@ def tiny_pipeline_call_kwargs(kind: str) -> dict[str, Any]:
     if kind == "tiny-sd3":
         return dict(max_sequence_length=16)
     if kind == "tiny-pixart":
-        return dict(max_sequence_length=16, use_resolution_binning=False)
+        return dict(max_sequence_length=16, use_resolution_binning=False, clean_caption=False)
     return {}

@@ -343,8 +343,8 @@ def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
         call = _CALL.get()
         if call is None:
             call = _recall(x)
-        elif torch.is_grad_enabled() and x.requires_grad:
-            _stash(x, call)  # for a checkpoint recomputation, which runs outside this call
+        else:  # for a gradient-checkpoint recomputation, which runs outside this call
+            _stash(x, call)
         if call is None:
             raise ValueError(
                 "method='tome_sd': block called outside its transformer's forward, so its "
