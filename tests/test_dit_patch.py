@@ -442,3 +442,60 @@ def test_patched_model_deepcopies_and_pickles():
         assert torch.equal(run(clone, inputs), out)
         atc_patch.remove_patch(clone)
         assert atc_patch.patch_settings(clone) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the example and the benchmark
+# ---------------------------------------------------------------------------------------------
+def _load_script(path: str):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sd_generate_shards_across_ranks_and_resumes(tmp_path, monkeypatch, capsys):
+    example = _load_script("examples/sd_generate.py")
+    common = ["--model_id", "tiny-dit", "--merge_fn_str", "tome_sd", "--steps", "2",
+              "--prompt", "class 3", "--prompt", "5", "--images_per_prompt", "2",
+              "--threads", "1"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    example.main([*common, "--output_dir", str(one)])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    example.main([*common, "--output_dir", str(two)])
+    assert sorted(p.name for p in two.glob("*.png")) == ["00001.png", "00003.png"]
+    (two / "00000.png").write_bytes((one / "00000.png").read_bytes())  # an earlier run's image
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    example.main([*common, "--output_dir", str(two)])
+    out = capsys.readouterr().out
+    assert "[rank 0/2]" in out and "1 images, 1 already there" in out and "'family': 'dit'" in out
+    for i in range(4):  # every image is the one a single process makes
+        assert (one / f"0000{i}.png").read_bytes() == (two / f"0000{i}.png").read_bytes()
+
+
+def test_sd_generate_text_to_image_transformer_offline(tmp_path, capsys):
+    example = _load_script("examples/sd_generate.py")
+    example.main(["--model_id", "tiny-pixart", "--merge_fn_str", "atc", "--steps", "2",
+                  "--height", "64", "--width", "96", "--merge_mlp", "--merge_crossattn",
+                  "--prompt", "a cat", "--output_dir", str(tmp_path)])  # fmt: skip
+    assert [p.name for p in tmp_path.glob("*.png")] == ["00000.png"]
+    assert "'model': 'PixArtTransformer2DModel'" in capsys.readouterr().out
+
+
+def test_dit_speed_benchmark_smoke(tmp_path):
+    bench = _load_script("benchmarks/dit_speed.py")
+    bench.main(["--tokens", "64", "--width_div", "24", "--double", "1", "--single", "1",
+                "--sd3_layers", "1", "--text_flux", "4", "--text_sd3", "4", "--ratios", "0.5",
+                "--rounds", "1", "--warmup", "0", "--methods", "unpatched", "tome_sd",
+                "atc-single", "--metric_dim", "16", "--metric_methods", "atc-single",
+                "--out_dir", str(tmp_path)])  # fmt: skip
+    rows = (tmp_path / "dit_speed.csv").read_text().splitlines()
+    assert rows[0].startswith("model,kind,method,ratio,step_s")
+    kinds = [r.split(",")[1] for r in rows[1:]]
+    assert kinds.count("step") == 8 and kinds.count("kernel") == 6
