@@ -271,6 +271,46 @@ def test_tome_sd_windows_lie_on_the_real_token_grid(kind):
         assert torch.equal(plan.merge(normed[0]), torch.cat(q_in)) is same
 
 
+def test_metric_dim_clusters_the_projected_tokens():
+    from atc_patch.patch.dit import metric_projection
+
+    model = model_of("tiny-sd3")
+    atc_patch.apply_patch(model, method="atc", linkage="average", ratio=0.5, metric_dim=8)
+    inputs = inputs_of(model, "tiny-sd3")
+    block = model.transformer_blocks[1]
+    x_in, normed, q_in = [], [], []
+    pre = block.register_forward_pre_hook(
+        lambda m, a, kw: x_in.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
+    hooks = [pre, _record(block.norm1, normed, index=0), _record(block.attn.to_q, q_in)]
+    run(model, inputs)
+    for h in hooks:
+        h.remove()
+    x = x_in[0]
+    projected = cluster_tokens(x @ metric_projection(x.shape[-1], 8, x), 12, "atc")
+    full = cluster_tokens(x, 12, "atc")
+    assert torch.equal(projected.merge(normed[0]), q_in[0])
+    assert not torch.equal(full.merge(normed[0]), q_in[0])
+
+
+def test_self_attention_key_mask_follows_the_merge():
+    model = model_of("tiny-pixart")
+    inputs = inputs_of(model, "tiny-pixart")
+    atc_patch.apply_patch(model, method="tome", ratio=0.5)
+    ref = run(model, inputs)
+    ones = torch.ones(2, 24)
+    assert torch.equal(run(model, dict(inputs, attention_mask=ones)), ref)
+    assert torch.isfinite(run(model, dict(inputs, attention_mask=ones.tril()[:2]))).all()
+    flux = model_of("tiny-flux")
+    atc_patch.apply_patch(flux, method="tome", ratio=0.5)
+    mask = torch.ones(1, 1, 1, 30, dtype=torch.bool)
+    with pytest.raises(ValueError, match="attention_mask on joint"):
+        run(
+            flux,
+            dict(inputs_of(flux, "tiny-flux"), joint_attention_kwargs={"attention_mask": mask}),
+        )
+
+
 def test_tome_sd_draws_follow_the_seed():
     model = model_of("tiny-flux")
     inputs = inputs_of(model, "tiny-flux", batch=2)
