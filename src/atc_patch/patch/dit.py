@@ -244,7 +244,12 @@ def _stash(x: Tensor, call: _DiTCall) -> None:
         return
     setattr(x, _STASH_ATTR, call)
     key = (str(x.device), x.data_ptr())
-    _BY_PTR[key] = (weakref.ref(x, lambda _ref, k=key: _BY_PTR.pop(k, None)), call)
+
+    def forget(ref: weakref.ref, key: tuple[str, int] = key) -> None:
+        if _BY_PTR.get(key, (None,))[0] is ref:  # not a newer tensor's entry at that address
+            del _BY_PTR[key]
+
+    _BY_PTR[key] = (weakref.ref(x, forget), call)
 
 
 def _recall(x: Tensor) -> _DiTCall | None:
