@@ -155,6 +155,15 @@ def test_every_method_is_finite_on_odd_batches_and_non_square_grids(kind, method
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("kind", ["tiny-flux", "tiny-sd3"])
+def test_half_precision_keeps_its_dtype(kind):
+    model = model_of(kind).to(torch.bfloat16)
+    inputs = inputs_of(model, kind)
+    atc_patch.apply_patch(model, method="atc", ratio=0.5, merge_mlp=True)
+    out = run(model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_cfg_batch_samples_are_reduced_independently(kind):
     """A CFG batch (prompted + unprompted halves): each sample gets its own plan (and, on Flux,
