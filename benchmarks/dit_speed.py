@@ -15,8 +15,10 @@ taken within a round, and read their spread over rounds).
     python benchmarks/dit_speed.py --tokens 64 --width_div 16 --ratios 0.5 --rounds 1
 
 Step time: one transformer call (batch ``--batch``; 1 = Flux-dev, guidance-distilled, no CFG
-batch) after ``--warmup`` calls, median over ``--rounds``. ``vs_unpatched`` is the median over
-rounds of (step / unpatched step in the same round), with its min-max range.
+batch) after ``--warmup`` calls, median over ``--rounds`` (each round in a shuffled order).
+``vs_unpatched`` is the median over rounds of (step / unpatched step), with its min-max range;
+with ``--paired`` (default) the unpatched step is timed right before each configuration, so a
+load that drifts during the run (shared machines) cancels in the ratio.
 
 Breakdown (rows ``kind=kernel`` / ``kind=attention``): on the first block's real input, the
 clustering call of each method (``cluster_tokens`` at ``r = ratio * N``) and the attention
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import random
 import statistics
 import sys
 import time
@@ -121,6 +124,18 @@ def timed(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def measure_config(model, inputs: dict, a, cfg: Config, warm: bool) -> float:
+    """Seconds of one call of ``model`` patched as ``cfg`` (after the warm-up calls if ``warm``)."""
+    cfg.apply(model, a.merge_mlp)
+    try:
+        for _ in range(a.warmup if warm else 0):
+            model(**inputs)
+        return timed(functools.partial(model, **inputs), a.device)
+    finally:
+        atc_patch.remove_patch(model)
+        release_workspace()
 
 
 def breakdown(model, inputs, kind: str, todo: list[Config], a) -> list[dict]:
@@ -232,6 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width_div", type=int, default=1, help="divide the heads (smoke runs)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per config, round 1")
     p.add_argument("--rounds", type=int, default=3, help="interleaved passes over all configs")
+    p.add_argument(
+        "--paired",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time an unpatched call right before every config (ratios per pair)",
+    )
     p.add_argument("--no_breakdown", action="store_true", help="skip kernel/attention timing")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
@@ -253,19 +274,25 @@ def main(argv: list[str] | None = None) -> None:
         times: dict[Config, list[float]] = {c: [] for c in todo}
         rel: dict[Config, list[float]] = {c: [] for c in todo}
         model(**inputs)  # first call: page faults of fresh buffers, paid by no configuration
-        bar = tqdm(total=len(todo) * a.rounds, desc=f"{kind} N={a.tokens} T={text}")
+        per_round = len(todo) - 1 if a.paired else len(todo)
+        bar = tqdm(total=per_round * a.rounds, desc=f"{kind} N={a.tokens} T={text}")
+        unpatched = todo[0]
+
+        measure = functools.partial(measure_config, model, inputs, a)
         for rnd in range(a.rounds):
-            base = None
-            for cfg in todo:
-                cfg.apply(model, a.merge_mlp)
-                try:
-                    for _ in range(a.warmup if rnd == 0 else 0):
-                        model(**inputs)
-                    t = timed(functools.partial(model, **inputs), a.device)
-                finally:
-                    atc_patch.remove_patch(model)
-                    release_workspace()
-                base = t if cfg.method == "unpatched" else base
+            order = todo[1:]
+            random.Random(rnd).shuffle(order)  # load drifts: no config always runs last
+            if not a.paired:
+                base = measure(unpatched, rnd == 0)
+                times[unpatched].append(base)
+                rel[unpatched].append(1.0)
+                bar.update()
+            for cfg in order:
+                if a.paired:  # an unpatched call right before each config: ratio of the pair
+                    base = measure(unpatched, False)
+                    times[unpatched].append(base)
+                    rel[unpatched].append(1.0)
+                t = measure(cfg, rnd == 0)
                 times[cfg].append(t)
                 rel[cfg].append(t / base)
                 bar.update()
