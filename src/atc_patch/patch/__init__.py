@@ -20,12 +20,14 @@ from typing import Any
 
 from ._common import PatchInfo, get_patch_info
 
-FAMILIES = ("timm", "torchvision", "diffusers", "mmdet", "transformers")
+FAMILIES = ("timm", "torchvision", "diffusers", "dit", "mmdet", "transformers")
 
 SUPPORTED = (
     "timm VisionTransformer (and subclasses: DeiT, distilled DeiT, MAE-style, registers), "
     "torchvision VisionTransformer, diffusers UNet2DConditionModel or a pipeline holding one "
-    "(SD 1.x/2.x/XL), atc_patch.mmdet ViTAdapter, "
+    "(SD 1.x/2.x/XL), diffusers FluxTransformer2DModel, SD3Transformer2DModel, "
+    "PixArtTransformer2DModel, DiTTransformer2DModel or a pipeline holding one, "
+    "atc_patch.mmdet ViTAdapter, "
     "transformers ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, CLIPVisionModel, "
     "SiglipVisionModel and their task models (...ForImageClassification, "
     "DeiTForImageClassificationWithTeacher, CLIPModel, CLIPVisionModelWithProjection, SiglipModel)"

@@ -1,0 +1,349 @@
+"""Diffusion-transformer step time: unpatched vs every atc_patch method, Flux and SD3.
+
+Random-init transformers at their real widths (FLUX.1: 3072 channels, 24 heads of 128;
+SD3-medium: 1536 channels, 24 heads of 64) with reduced depth, on 4096 image tokens (a 64x64
+token grid = 1024x1024 px) and their text lengths (Flux-dev: 512 T5 tokens; SD3: 77 CLIP +
+256 T5 = 333). One process run times every configuration side by side on the same model and
+inputs, in interleaved rounds (the machines are shared and noisy: compare the ratios, which are
+taken within a round, and read their spread over rounds).
+
+    # the issue's configuration: Flux 2 double + 4 single blocks, SD3 4 blocks, 3 ratios
+    python benchmarks/dit_speed.py
+    # the headline (ratio 0.5) on one block of each kind, a quicker CPU run
+    python benchmarks/dit_speed.py --double 1 --single 1 --sd3_layers 1 --ratios 0.5
+    # a smoke run
+    python benchmarks/dit_speed.py --tokens 64 --width_div 16 --ratios 0.5 --rounds 1
+
+Step time: one transformer call (batch ``--batch``; 1 = Flux-dev, guidance-distilled, no CFG
+batch) after ``--warmup`` calls, median over ``--rounds`` (each round in a shuffled order).
+``vs_unpatched`` is the median over rounds of (step / unpatched step), with its min-max range;
+with ``--paired`` (default) the unpatched step is timed right before each configuration, so a
+load that drifts during the run (shared machines) cancels in the ratio.
+
+Breakdown (rows ``kind=kernel`` / ``kind=attention``): on the first block's real input, the
+clustering call of each method (``cluster_tokens`` at ``r = ratio * N``) and the attention
+sublayer (projections + joint attention, with rotary on Flux) at ``N`` and at ``N - r`` image
+tokens: compare the kernel time with the attention time the merge saves.
+
+Writes ``<out_dir>/dit_speed.csv`` and ``dit_speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import atc_patch
+from atc_patch.dit_models import transformer_config, transformer_inputs
+from atc_patch.kernel import cluster_tokens
+from atc_patch.kernel.scratch import release_workspace
+from atc_patch.patch.dit import metric_projection
+
+METHODS = (
+    "unpatched",
+    "tome_sd",
+    "atc-single",
+    "atc-complete",
+    "atc-average",
+    "tome",
+    "kmedoids",
+    "dpcknn",
+)
+MODELS = ("flux", "sd3")
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str  # one of METHODS
+    ratio: float
+    metric_dim: int | None = None  # the patch option; None = cluster the tokens themselves
+
+    @property
+    def label(self) -> str:
+        return self.method + (f"@{self.metric_dim}" if self.metric_dim else "")
+
+    def kernel_args(self) -> tuple[str, dict]:
+        if self.method.startswith("atc-"):
+            return "atc", {"linkage": self.method.split("-", 1)[1]}
+        return self.method, {}
+
+    def apply(self, model: torch.nn.Module, merge_mlp: bool) -> None:
+        if self.method == "unpatched":
+            return
+        method, opts = self.kernel_args()
+        if method == "tome_sd":
+            opts["seed"] = 0
+        atc_patch.apply_patch(
+            model, method=method, ratio=self.ratio, merge_mlp=merge_mlp,
+            metric_dim=self.metric_dim,
+            **opts,
+        )  # fmt: skip
+
+
+def build(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, dict, int]:
+    """The model, its inputs and its text length."""
+    import diffusers
+
+    name, kw = transformer_config("flux-width" if kind == "flux" else "sd3-width")
+    if kind == "flux":
+        kw.update(num_layers=a.double, num_single_layers=a.single)
+        text = a.text_flux
+    else:
+        kw.update(num_layers=a.sd3_layers)
+        text = a.text_sd3
+    if a.width_div > 1:  # smoke runs: same layout, narrower
+        kw["num_attention_heads"] = max(1, kw["num_attention_heads"] // a.width_div)
+        if kind == "sd3":
+            kw["caption_projection_dim"] = kw["num_attention_heads"] * kw["attention_head_dim"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(diffusers, name)(**kw).eval().to(a.device)
+    side = int(round(a.tokens**0.5))
+    if side * side != a.tokens:
+        raise SystemExit(f"--tokens must be a square number, got {a.tokens}")
+    inputs = transformer_inputs(model, batch=a.batch, height=side, width=side, seq_len=text)
+    inputs = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return model, inputs, text
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_config(model, inputs: dict, a, cfg: Config, warm: bool) -> float:
+    """Seconds of one call of ``model`` patched as ``cfg`` (after the warm-up calls if ``warm``)."""
+    cfg.apply(model, a.merge_mlp)
+    try:
+        for _ in range(a.warmup if warm else 0):
+            model(**inputs)
+        return timed(functools.partial(model, **inputs), a.device)
+    finally:
+        atc_patch.remove_patch(model)
+        release_workspace()
+
+
+def breakdown(model, inputs, kind: str, todo: list[Config], a) -> list[dict]:
+    """Kernel time per method and attention-sublayer time at N and N - r image tokens."""
+    block = model.transformer_blocks[0]
+    seen: dict = {}
+    hook = block.register_forward_pre_hook(
+        lambda m, args, kw: seen.update(args=args, kw=kw), with_kwargs=True
+    )
+    model(**inputs)
+    hook.remove()
+    kw = dict(seen["kw"])
+    x = seen["args"][0] if seen["args"] else kw["hidden_states"]
+    ctx = kw["encoder_hidden_states"]
+    rotary = kw.get("image_rotary_emb")
+    n = x.shape[1]
+    side = int(round(n**0.5))
+    rows = []
+
+    def attn_at(keep: int) -> float:
+        xs = x[:, :keep]
+        extra = {}
+        if rotary is not None:  # one (S, D) table: text rows then `keep` image rows
+            t = ctx.shape[1]
+            extra["image_rotary_emb"] = tuple(r[: t + keep] for r in rotary)
+        return timed(lambda: block.attn(hidden_states=xs, encoder_hidden_states=ctx, **extra),
+                     a.device)  # fmt: skip
+
+    for ratio in sorted({c.ratio for c in todo if c.method != "unpatched"}):
+        r = int(n * ratio)
+        attn_at(n)  # warm-up
+        full = statistics.median(attn_at(n) for _ in range(a.rounds))
+        merged = statistics.median(attn_at(n - r) for _ in range(a.rounds))
+        rows.append(dict(model=kind, kind="attention", method="", ratio=ratio,
+                         full_s=round(full, 4), merged_s=round(merged, 4),
+                         saved_s=round(full - merged, 4)))  # fmt: skip
+        for cfg in todo:
+            if cfg.method == "unpatched" or cfg.ratio != ratio:
+                continue
+            method, opts = cfg.kernel_args()
+            if method == "tome_sd":
+                opts.update(h=side, w=side, generator=torch.Generator().manual_seed(0))
+            metric = x
+            if cfg.metric_dim:
+                metric = x @ metric_projection(x.shape[-1], cfg.metric_dim, x)
+
+            call = functools.partial(cluster_tokens, metric, r, method, **opts)
+
+            call()  # warm-up (the ATC buffers)
+            t = statistics.median(timed(call, a.device) for _ in range(a.rounds))
+            release_workspace()
+            rows.append(dict(model=kind, kind="kernel", method=cfg.label, ratio=ratio,
+                             kernel_s=round(t, 4)))  # fmt: skip
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    steps = [r for r in rows if r["kind"] == "step"]
+    models = sorted({r["model"] for r in steps})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in dict.fromkeys(r["method"] for r in steps):
+            pts = [(r["ratio"], r["step_s"]) for r in steps if r["model"] == model
+                   and r["method"] == method]  # fmt: skip
+            if not pts:
+                continue
+            if method == "unpatched":
+                ax.axhline(pts[0][1], color="k", ls="--", label=method)
+            else:
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=method)
+        ax.set_title(model)
+        ax.set_xlabel("reduction ratio")
+        ax.set_ylabel("step time (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--double", type=int, default=2, help="Flux double-stream blocks")
+    p.add_argument("--single", type=int, default=4, help="Flux single-stream blocks")
+    p.add_argument("--sd3_layers", type=int, default=4, help="SD3 joint blocks")
+    p.add_argument("--tokens", type=int, default=4096, help="image tokens (a square number)")
+    p.add_argument("--text_flux", type=int, default=512, help="Flux text tokens (T5)")
+    p.add_argument("--text_sd3", type=int, default=333, help="SD3 text tokens (CLIP + T5)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--merge_mlp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--metric_dim",
+        type=int,
+        default=None,
+        help="also time --metric_methods with the patch option metric_dim=this",
+    )
+    p.add_argument("--metric_methods", nargs="+", default=["tome_sd", "atc-single", "atc-average"],
+                   choices=METHODS[1:])  # fmt: skip
+    p.add_argument("--width_div", type=int, default=1, help="divide the heads (smoke runs)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per config, round 1")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved passes over all configs")
+    p.add_argument(
+        "--paired",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time an unpatched call right before every config (ratios per pair)",
+    )
+    p.add_argument("--no_breakdown", action="store_true", help="skip kernel/attention timing")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out_dir", type=Path, default=Path("benchmarks/results"))
+    a = p.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    methods = ["unpatched"] + [m for m in a.methods if m != "unpatched"]
+    todo = [Config("unpatched", 0.0)] + [Config(m, r) for r in a.ratios for m in methods[1:]]
+    if a.metric_dim:
+        todo += [Config(m, r, a.metric_dim) for r in a.ratios for m in a.metric_methods]
+
+    rows: list[dict] = []
+    for kind in a.models:
+        model, inputs, text = build(kind, a)
+        times: dict[Config, list[float]] = {c: [] for c in todo}
+        rel: dict[Config, list[float]] = {c: [] for c in todo}
+        model(**inputs)  # first call: page faults of fresh buffers, paid by no configuration
+        per_round = len(todo) - 1 if a.paired else len(todo)
+        bar = tqdm(total=per_round * a.rounds, desc=f"{kind} N={a.tokens} T={text}")
+        unpatched = todo[0]
+
+        measure = functools.partial(measure_config, model, inputs, a)
+        for rnd in range(a.rounds):
+            order = todo[1:]
+            random.Random(rnd).shuffle(order)  # load drifts: no config always runs last
+            if not a.paired:
+                base = measure(unpatched, rnd == 0)
+                times[unpatched].append(base)
+                rel[unpatched].append(1.0)
+                bar.update()
+            for cfg in order:
+                if a.paired:  # an unpatched call right before each config: ratio of the pair
+                    base = measure(unpatched, False)
+                    times[unpatched].append(base)
+                    rel[unpatched].append(1.0)
+                t = measure(cfg, rnd == 0)
+                times[cfg].append(t)
+                rel[cfg].append(t / base)
+                bar.update()
+        bar.close()
+        for c in todo:
+            rows.append(dict(model=kind, kind="step", method=c.label, ratio=c.ratio,
+                             step_s=round(statistics.median(times[c]), 3),
+                             step_min_s=round(min(times[c]), 3), step_max_s=round(max(times[c]), 3),
+                             vs_unpatched=round(statistics.median(rel[c]), 3),
+                             vs_min=round(min(rel[c]), 3),
+                             vs_max=round(max(rel[c]), 3)))  # fmt: skip
+        if not a.no_breakdown:
+            rows += breakdown(model, inputs, kind, todo, a)
+        del model
+
+    for row in rows:  # step time relative to tome_sd at the same ratio
+        ref = [r for r in rows if r["kind"] == "step" and r["model"] == row["model"]
+               and r["method"] == "tome_sd" and r["ratio"] == row["ratio"]]  # fmt: skip
+        if row["kind"] == "step":
+            row["vs_tome_sd"] = round(row["step_s"] / ref[0]["step_s"], 3) if ref else ""
+
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = a.out_dir / "dit_speed.csv"
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, a.out_dir / "dit_speed.png")
+    print(f"\nbatch {a.batch}, {a.tokens} image tokens, merge_mlp={a.merge_mlp}, "
+          f"{torch.get_num_threads()} threads, device {a.device}, "
+          f"{a.rounds} rounds")  # fmt: skip
+    print(f"{'model':<6}{'method':<14}{'ratio':>6}{'step s':>9}{'min-max s':>16}"
+          f"{'vs unpatched (min-max)':>25}{'vs tome_sd':>11}")  # fmt: skip
+    for r in rows:
+        if r["kind"] == "step":
+            print(f"{r['model']:<6}{r['method']:<14}{r['ratio']:>6}{r['step_s']:>9}"
+                  f"{r['step_min_s']:>8}-{r['step_max_s']:<7}"
+                  f"{r['vs_unpatched']:>10} ({r['vs_min']}-{r['vs_max']})"
+                  f"{r['vs_tome_sd']!s:>11}")  # fmt: skip
+    for r in rows:
+        if r["kind"] == "attention":
+            print(f"{r['model']}: attention sublayer of block 0 at ratio {r['ratio']}: "
+                  f"{r['full_s']} s -> {r['merged_s']} s (saves {r['saved_s']} s)")  # fmt: skip
+        elif r["kind"] == "kernel":
+            print(f"{r['model']}:   kernel {r['method']:<13} ratio {r['ratio']}: "
+                  f"{r['kernel_s']} s per block")  # fmt: skip
+    print(f"wrote {csv_path} and {a.out_dir / 'dit_speed.png'}")
+
+
+if __name__ == "__main__":
+    main()
