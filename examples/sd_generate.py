@@ -108,8 +108,9 @@ def patch_options(args: argparse.Namespace, pipe) -> dict:
         ratio=args.reduction_ratio,
         merge_attn=args.merge_attn,
         merge_mlp=args.merge_mlp,
-        seed=args.seed,
     )
+    if args.merge_fn_str == "tome_sd":  # seeds its random destinations; no other method draws
+        opts["seed"] = args.seed
     if args.merge_fn_str == "atc":
         opts["linkage"] = args.linkage
     if args.merge_crossattn:

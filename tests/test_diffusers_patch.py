@@ -448,20 +448,7 @@ def _load_script(relpath: str):
     return mod
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "tome_sd",
-        pytest.param(
-            "atc",
-            marks=pytest.mark.xfail(
-                raises=ValueError,
-                reason="examples/sd_generate.py passes seed= to every method; seed is a "
-                "tome_sd option that the other methods now reject (its owner fixes the call)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("method", ["tome_sd", "atc"])
 def test_sd_generate_example_runs_offline(tmp_path, capsys, method):
     example = _load_script("examples/sd_generate.py")
     example.main(["--merge_fn_str", method, "--linkage", "single", "--reduction_ratio", "0.4",
