@@ -28,6 +28,10 @@ PUBLIC = (
     "last_source",
     "release_workspace",
     "make_visualization",
+    "set_workspace_limits",
+    "set_kernel_threads",
+    "load_pretrained",
+    "save_pretrained",
 )
 
 

@@ -10,7 +10,8 @@ x, size = plan.merge_wavg(x, size)
 
 from .kernel import LINKAGES, METHODS, cluster_tokens
 from .kernel.plan import MergePlan
-from .kernel.scratch import release_workspace
+from .kernel.scratch import release_workspace, set_workspace_limits
+from .kernel.threads import set_kernel_threads
 from .patch import apply_patch, patch_settings, remove_patch
 from .patch._vit import last_source
 from .pretrained import load_pretrained, save_pretrained
@@ -32,4 +33,6 @@ __all__ = [
     "release_workspace",
     "remove_patch",
     "save_pretrained",
+    "set_kernel_threads",
+    "set_workspace_limits",
 ]
