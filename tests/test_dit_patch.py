@@ -482,6 +482,23 @@ def test_pipeline_patch_and_remove(kind):
     assert (patched != ref).any() and (gen() == ref).all()
 
 
+def test_pipeline_or_transformer_either_way_round():
+    """Patch the pipeline or its transformer; read settings from, re-patch and remove through
+    either (issue 10, item 2, for this family); a pipeline-patched transformer pickles."""
+    from atc_patch.dit_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-dit")
+    for patched, other in ((pipe, pipe.transformer), (pipe.transformer, pipe)):
+        atc_patch.apply_patch(patched, method="atc", ratio=0.5)
+        assert atc_patch.patch_settings(other) == atc_patch.patch_settings(patched)
+        pickle.loads(pickle.dumps(pipe.transformer))
+        atc_patch.apply_patch(other, method="tome", ratio=0.25)  # re-patch through the other
+        assert atc_patch.patch_settings(patched)["method"] == "tome"
+        atc_patch.remove_patch(other)
+        assert atc_patch.patch_settings(patched) is None
+        assert atc_patch.patch_settings(pipe.transformer) is None
+
+
 def test_patched_model_deepcopies_and_pickles():
     model = model_of("tiny-sd3")
     inputs = inputs_of(model, "tiny-sd3")

@@ -61,7 +61,7 @@ def apply_patch(model: Any, method: str = "atc", **options: Any) -> Any:
     is already patched is un-patched first, so calling this again changes the settings.
     """
     fam = _find_family(model)
-    if get_patch_info(model) is not None:
+    if _patch_info(model) is not None:
         remove_patch(model)
     fam.apply(model, method=method, **options)
     return model

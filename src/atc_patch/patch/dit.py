@@ -49,7 +49,14 @@ from torch import Tensor, nn
 from .._validate import CROSS_FAMILY_HINTS, as_bool, as_float, as_int, as_int_list, check_options
 from ..kernel import LINKAGES, cluster_tokens
 from ..kernel.plan import MergePlan
-from ._common import PatchInfo, clear_patch_info, restore_class, set_patch_info, swap_class
+from ._common import (
+    PatchInfo,
+    clear_patch_info,
+    get_patch_info,
+    restore_class,
+    set_patch_info,
+    swap_class,
+)
 from ._merge_around import ActiveMerge, MergeAroundMixin, Span, merging
 
 FAMILY = "dit"
@@ -83,7 +90,6 @@ _HINTS = {
 
 _CFG_ATTR = "_atc_dit_cfg"  # on a patched block: its _BlockConfig
 _HOOKS_ATTR = "_atc_dit_hooks"  # on a patched transformer: the per-call hook handles
-_OWNER_ATTR = "_atc_dit_owner"  # on a patched transformer: weakref to the pipeline patched
 _STASH_ATTR = "_atc_dit_call"  # on a block input tensor: the call it belongs to (checkpointing)
 
 
@@ -479,11 +485,17 @@ def apply(model: Any, method: str = "atc", **options: Any) -> PatchInfo:
     )
     object.__setattr__(transformer, _HOOKS_ATTR, hooks)
     info = PatchInfo(FAMILY, method, dict(asdict(settings), model=family, num_blocks=len(picked)))
-    set_patch_info(transformer, info)
-    if model is not transformer:
-        set_patch_info(model, info)
-        object.__setattr__(transformer, _OWNER_ATTR, weakref.ref(model))
+    set_patch_info(transformer, info)  # on the transformer only: see find_patch_info
     return info
+
+
+def find_patch_info(model: Any) -> PatchInfo | None:
+    """The patch record of ``model``'s transformer (``model`` or ``pipe.transformer``), or
+    ``None``. The record lives on the transformer only, so a pipeline and its transformer agree
+    whichever of the two was patched, and a patched transformer pickles (no pipeline reference).
+    """
+    transformer = _transformer_of(model)
+    return None if transformer is None else get_patch_info(transformer)
 
 
 def remove(model: Any) -> None:
@@ -496,9 +508,6 @@ def remove(model: Any) -> None:
                 object.__delattr__(module, _CFG_ATTR)
         for handle in vars(transformer).pop(_HOOKS_ATTR, ()):
             handle.remove()
-        owner = vars(transformer).pop(_OWNER_ATTR, None)
-        if owner is not None and owner() is not None:
-            clear_patch_info(owner())
         clear_patch_info(transformer)
     clear_patch_info(model)
 
