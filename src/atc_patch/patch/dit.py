@@ -80,6 +80,8 @@ OPTIONS = (
     "seed",
     "metric_dim",
 )
+TOME_SD_ONLY = ("sx", "sy", "use_rand", "seed")  # rejected by the other methods
+_NONE_IS_DEFAULT = ("linkage", "seed", "blocks", "metric_dim")
 _HINTS = {
     **CROSS_FAMILY_HINTS["diffusion"],
     "max_downsample": "a diffusion transformer has one token resolution; pick blocks with "
@@ -517,7 +519,17 @@ def _validated(method: str, family: str, options: dict[str, Any]) -> Settings:
         raise ValueError(
             f"method must be one of {METHODS} for diffusion transformers, got {method!r}"
         )
-    check_options(f"diffusers {family}", options, OPTIONS, hints=_HINTS)
+    # None means "the default" for these, as in the UNet family: same as leaving them out.
+    options = {k: v for k, v in options.items() if not (v is None and k in _NONE_IS_DEFAULT)}
+    valid = [
+        k
+        for k in OPTIONS
+        if (k not in TOME_SD_ONLY or method == "tome_sd") and (k != "linkage" or method == "atc")
+    ]
+    hints = {k: f"{k} is a method='tome_sd' option" for k in TOME_SD_ONLY if method != "tome_sd"}
+    if method != "atc":
+        hints["linkage"] = "linkage is a method='atc' option"
+    check_options(f"diffusers {family} with method={method!r}", options, valid, {**_HINTS, **hints})
     o = dict(options)
     ratio = as_float("ratio", o.get("ratio", 0.5))
     if not 0 <= ratio < 1 or math.isnan(ratio):
