@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     params = sum(p.numel() for p in model.parameters())
     result = {
         "Model": f"{settings.get('method') or 'deit'}_{size}_patch16_224",
-        "Ratio": settings.get("keep_rate", settings.get("r")),
+        # as the reference: the --keep_rate / --reduction_ratio values (kept-token counts too)
+        "Ratio": list(args.keep_rate) if args.ots else settings.get("keep_rate"),
         "Linkage": settings.get("linkage"),
-        "Location": list(settings.get("reduction_loc") or []),
+        "Location": list(args.reduction_loc if args.ots else settings.get("reduction_loc") or []),
         "Top1-Acc": round(stats["acc1"], 4),
         "Top5-Acc": round(stats["acc5"], 4),
         "Params": round(params / 1e6, 2),
