@@ -148,9 +148,9 @@ def _swag_model(name: str, input_size: int, pretrained: bool) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
-    from atc_patch.train.checkpoint import load_checkpoint, model_state
+    from atc_patch.pretrained import load_checkpoint, select_state_dict
 
-    state = model_state(load_checkpoint(path), prefer_ema=False)
+    state, _ = select_state_dict(load_checkpoint(path), ema=False)
     if "fc_norm.weight" in state and getattr(model, "fc_norm", None) is None:
         state = dict(state)  # MAE checkpoint into a class-token model: fc_norm is its norm
         state["norm.weight"], state["norm.bias"] = (

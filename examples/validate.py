@@ -1,19 +1,26 @@
-"""Evaluate a fine-tuned checkpoint: the ATC paper's ``validate_deit.py``.
+"""Evaluate a released or fine-tuned checkpoint: the ATC paper's ``validate_deit.py``.
 
-The model is rebuilt from the ``args`` stored in the checkpoint (reference layout, loaded with
-``weights_only=True``); the EMA weights are used when the checkpoint says ``ema_best``::
+The model comes from :func:`atc_patch.load_pretrained` (docs/pretrained.md), so ``--checkpoint``
+is one of our checkpoints (``train_deit.py``'s ``best_checkpoint.pth``), a released file, a hub
+id (``joakimbh/atc_small-im1k-complete/atc_small-im1k-07-complete.pth``, or the repository
+with ``--keep_rate`` choosing its file) or a hub file URL. It is read with
+``weights_only=True``, built from its weights, reduced as it was trained, and its EMA weights
+are used when it says ``ema_best``. The images get the reference evaluation transform, read
+from the model (``timm.data.resolve_data_config`` + ``create_transform``)::
 
     python examples/validate.py --dataset imagenet --data /data/imagenet \\
         --checkpoint out/atc_s_0.9/best_checkpoint.pth --output_dir results \\
         --val_output_name atc_s_0.9.json
 
-With ``--ots`` the model is built from the command line instead (``--model``,
-``--reduction_loc``, ``--keep_rate``/``--reduction_ratio``, ``--linkage``,
-``--proportional_attn``) and the checkpoint's weights are loaded into it, e.g. to evaluate a
-model fine-tuned with one keep rate at another. Writes one JSON file with the summary
-(``Model``, ``Ratio``, ``Linkage``, ``Location``, ``Top1-Acc``, ``Top5-Acc``, ``Params``) and
-each image's prediction, target and loss (as the reference); multi-label sets report mAP as
-``Top1-Acc``.
+With ``--ots`` the reduction comes from the command line instead (``--model`` gives the
+method: ``atc_*``, ``tome_*`` or ``deit_*`` for none; ``--reduction_loc``,
+``--keep_rate``/``--reduction_ratio``, ``--linkage``, ``--proportional_attn``, or
+``--merge_fn`` with ``--r-count``/``--r-sched``), e.g. to evaluate a model fine-tuned with one
+keep rate at another. Writes one JSON file with the summary (``Model``, ``Ratio``,
+``Linkage``, ``Location``, ``Top1-Acc``, ``Top5-Acc``, ``Params``) and each image's
+prediction, target and loss (as the reference); multi-label sets report mAP as ``Top1-Acc``.
+DeiT checkpoints only (what ``load_pretrained`` builds); evaluate other models with
+``train_deit.py --eval --resume <checkpoint>``.
 """
 
 from __future__ import annotations
@@ -25,12 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import atc_patch
 from atc_patch.train import cli
-from atc_patch.train.checkpoint import load_checkpoint, model_state
 from atc_patch.train.datasets import build_dataset, is_multi_label
 from atc_patch.train.engine import autocast, evaluate, init_distributed
-from atc_patch.train.recipe import transform_kind
-from atc_patch.train.transforms import build_transform
+from atc_patch.train.models import resolve_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "--data_path", dest="data", required=True)
     p.add_argument("--dataset", "-d", default="imagenet", choices=cli.DATASET_CHOICES)
     p.add_argument("--split", default="validation", help="validation/val or train")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a local .pth, a hub id or a hub file URL")
     p.add_argument("-j", "--num_workers", "--num-workers", dest="num_workers", default=4, type=int)
     p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=64, type=int)
     p.add_argument(
@@ -47,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         dest="input_size",
         default=None,
         type=int,
-        help="default: the checkpoint's",
+        help="checked against the checkpoint's (its position embeddings fix it)",
     )
     p.add_argument("--output_dir", default="")
     p.add_argument("--val_output_name", default="validation.json")
@@ -55,65 +61,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_amp", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force the EMA (--ema) or standard (--no-ema) weights (default: as ema_best says)",
+    )
+    p.add_argument(
         "--ots",
         action="store_true",
-        help="build the model from these flags, not the checkpoint's args",
+        help="reduce as these flags say, not as the checkpoint was trained",
     )
-    p.add_argument("--model", default="atc_small_patch16_224", help=cli.MODEL_HELP)
-    p.add_argument("--drop", type=float, default=0.0)
-    p.add_argument("--drop-path", "--drop_path", dest="drop_path", type=float, default=0.1)
+    p.add_argument("--model", default="atc_small_patch16_224", help="with --ots: the method")
     p.add_argument("--no_progress", action="store_true")
     cli.add_reduction(p)
     return p
 
 
-def model_args(args: argparse.Namespace, stored: argparse.Namespace) -> argparse.Namespace:
-    """The flags the model is built from: the checkpoint's, or (``--ots``) these."""
-    src = args if args.ots else stored
-    keys = (
-        "model",
-        "reduction_loc",
-        "keep_rate",
-        "linkage",
-        "proportional_attn",
-        "merge_fn",
-        "r_count",
-        "r_sched",
-        "input_size",
-        "distillation_type",
-        "global_pool",
-    )
-    out = {k: getattr(src, k, None) for k in keys}
-    if getattr(stored, "reduction_ratio", None) and not out["keep_rate"]:  # reference ckpts
-        out["keep_rate"] = stored.reduction_ratio
-    out["keep_rate"] = out["keep_rate"] or []
-    out["reduction_loc"] = out["reduction_loc"] or []
-    out["r_count"] = out["r_count"] or 0
-    out["r_sched"] = out["r_sched"] or "constant"
-    out["proportional_attn"] = bool(out["proportional_attn"])
-    out["input_size"] = args.input_size or out["input_size"] or 224
-    return argparse.Namespace(**out, pretrained=False, finetune="")
+def load_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The checkpoint as a patched timm DeiT (``--ots``: reduced as the flags say)."""
+    pick = {"ema": args.ema}
+    if len(args.keep_rate) == 1:  # chooses the file of a release repository
+        pick["keep_rate"] = args.keep_rate[0]
+    if not args.ots:
+        return atc_patch.load_pretrained(args.checkpoint, **pick)
+    try:
+        method = resolve_model(args.model).method
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    model = atc_patch.load_pretrained(args.checkpoint, **pick, method=None)
+    method, opts = cli.patch_options(args, method, model.patch_embed.num_patches)
+    if method is not None:
+        atc_patch.apply_patch(model, method=method, **opts)
+    return model
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from timm.data import create_transform, resolve_data_config
+
     args = get_args_parser().parse_args(argv)
     env = init_distributed(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    stored = ckpt.get("args") or argparse.Namespace()
-    margs = model_args(args, stored)
-    kind = transform_kind(argparse.Namespace(model=margs.model, dataset=args.dataset))
-    transform = build_transform(
-        False, kind, margs.input_size, crop_pct=getattr(stored, "crop_pct", None)
+    model = load_model(args)
+    config = resolve_data_config({}, model=model)
+    if args.input_size not in (None, config["input_size"][-1]):
+        raise SystemExit(
+            f"--input-size {args.input_size}, but {args.checkpoint} is a "
+            f"{config['input_size'][-1]}-pixel model"
+        )
+    dataset, num_classes = build_dataset(
+        args.dataset, args.data, args.split, create_transform(**config)
     )
-    dataset, num_classes = build_dataset(args.dataset, args.data, args.split, transform)
-    kwargs = {"drop_rate": args.drop, "drop_path_rate": args.drop_path}
-    if margs.global_pool is not None and not margs.model.startswith(("atc", "tome", "deit")):
-        kwargs["global_pool"] = "avg" if margs.global_pool else "token"
-    build = cli.model_builder(
-        margs, distilled=(margs.distillation_type or "none") != "none", kwargs=kwargs
-    )
-    model = build(num_classes)
-    model.load_state_dict(model_state(ckpt))
+    if num_classes != model.num_classes:
+        raise SystemExit(
+            f"{args.dataset} has {num_classes} classes, the checkpoint {model.num_classes}"
+        )
     model.to(env.device).eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem
@@ -129,12 +129,15 @@ def main(argv: list[str] | None = None) -> dict:
         keep_outputs=True,
     )
     outputs, targets = stats.pop("outputs"), stats.pop("targets")
+    settings = atc_patch.patch_settings(model) or {}
+    size = model.pretrained_cfg["architecture"].split("_")[1]  # deit_<size>_..._patch16_224
     params = sum(p.numel() for p in model.parameters())
     result = {
-        "Model": margs.model,
-        "Ratio": margs.keep_rate,
-        "Linkage": margs.linkage,
-        "Location": margs.reduction_loc,
+        "Model": f"{settings.get('method') or 'deit'}_{size}_patch16_224",
+        # as the reference: the --keep_rate / --reduction_ratio values (kept-token counts too)
+        "Ratio": list(args.keep_rate) if args.ots else settings.get("keep_rate"),
+        "Linkage": settings.get("linkage"),
+        "Location": list(args.reduction_loc if args.ots else settings.get("reduction_loc") or []),
         "Top1-Acc": round(stats["acc1"], 4),
         "Top5-Acc": round(stats["acc5"], 4),
         "Params": round(params / 1e6, 2),
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / args.val_output_name).write_text(json.dumps({**result, **per_image}, indent=1))
     metric = "mAP" if multi else "Acc@1"
-    print(f"{margs.model}: {metric} {result['Top1-Acc']:.2f} on {stats['num_images']} images")
+    print(f"{result['Model']}: {metric} {result['Top1-Acc']:.2f} on {stats['num_images']} images")
     return result
 
 

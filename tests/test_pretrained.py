@@ -580,6 +580,22 @@ def test_save_pretrained_roundtrip(tmp_path) -> None:
         pt.save_pretrained(model, path, ema_best=True)
 
 
+def test_distilled_roundtrip(tmp_path) -> None:
+    """A DeiT with a distillation token (train_deit.py --distillation-type) saves and loads."""
+    opts = dict(distilled=True, img_size=32, num_classes=5, keep_rate=0.5, reduction_loc=(1, 2))
+    model = timm.create_model("tome_tiny_patch16_224", **opts).eval()
+    assert model.dist_token is not None
+    path = pt.save_pretrained(model, tmp_path / "distilled.pth")
+    loaded = atc_patch.load_pretrained(path)
+    assert loaded.dist_token is not None and loaded.num_classes == 5
+    assert atc_patch.patch_settings(loaded) == atc_patch.patch_settings(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="no distillation token"):
+        timm.create_model("atc_tiny_patch16_224.im1k_average_07", distilled=True, pretrained=True)
+
+
 @pytest.mark.parametrize("dataset", ["im1k", "coco"])
 def test_eval_transform_is_the_reference_one(dataset) -> None:
     """resolve_data_config on a loaded model gives the reference validate_deit.py transform."""

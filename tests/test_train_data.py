@@ -184,8 +184,13 @@ def test_finetune_drops_head_and_resamples_pos_embed():
 
 
 def test_model_names_and_reduction_flags():
-    assert resolve_model("atc_small_patch16_224").timm_name == "deit_small_patch16_224"
-    assert resolve_model("tome_tiny_patch16_224", distilled=True).timm_name == (
+    # atc_* / tome_* are timm registry names (atc_patch.timm_models), tags allowed.
+    spec = resolve_model("atc_small_patch16_224")
+    assert (spec.timm_name, spec.method, spec.registered) == ("atc_small_patch16_224", "atc", True)
+    assert (
+        resolve_model("tome_tiny_patch16_224.fb_in1k").timm_name == "tome_tiny_patch16_224.fb_in1k"
+    )
+    assert resolve_model("deit_tiny_patch16_224", distilled=True).timm_name == (
         "deit_tiny_distilled_patch16_224"
     )
     assert resolve_model("deit_base_patch16_224_local").method is None

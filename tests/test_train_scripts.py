@@ -470,3 +470,70 @@ def test_deit_hard_distillation(data, tmp_path):
     )
     assert res["model"].dist_token is not None  # the distilled DeiT
     assert res["rows"][-1]["train_loss"] > 0
+
+
+def test_registry_model_checkpoint_loads_with_load_pretrained(data, tmp_path, monkeypatch):
+    """--model atc_tiny_patch16_224 is built by the timm registry, as timm's scripts would; the
+    run's checkpoint loads with atc_patch.load_pretrained into the same model (same logits)."""
+    import timm
+
+    import atc_patch
+
+    calls = []
+    create = timm.create_model
+
+    def spy(name, *args, **kwargs):
+        calls.append((name, kwargs))
+        return create(name, *args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    flags = digits_flags(data)
+    flags = flags[: flags.index("--input-size")] + [
+        "--model",
+        "atc_tiny_patch16_224",
+        "--no-pretrained",
+        "--input-size",
+        "32",
+        "--reduction_loc",
+        "1",
+        "2",
+        "--keep_rate",
+        "0.5",
+        "--linkage",
+        "single",
+        "--proportional_attn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--model-ema-decay",
+        "0.5",
+        "--num_workers",
+        "0",
+        "--no_progress",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    res = train_deit(flags)
+    name, kwargs = calls[0]
+    assert name == "atc_tiny_patch16_224.fb_in1k"  # fine-tuning starts from DeiT, not a release
+    expected = dict(linkage="single", keep_rate=0.5, reduction_loc=(1, 2), proportional_attn=True)
+    assert {k: kwargs[k] for k in expected} == expected
+    assert kwargs["num_classes"] == 10 and kwargs["img_size"] == 32
+    assert res["model"].pretrained_cfg["architecture"] == "atc_tiny_patch16_224"
+    monkeypatch.setattr(timm, "create_model", create)
+
+    path = tmp_path / "checkpoint.pth"
+    ckpt = load_checkpoint(path)
+    assert list(ckpt) == list(CHECKPOINT_KEYS)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    trained = {False: res["model"].eval(), True: res["model_ema"].eval()}
+    with torch.no_grad():
+        assert not torch.equal(trained[False](x), trained[True](x))  # EMA != weights
+        for ema in (None, False, True):
+            loaded = atc_patch.load_pretrained(path, ema=ema)
+            want = trained[ckpt["ema_best"] if ema is None else ema]
+            assert atc_patch.patch_settings(loaded) == atc_patch.patch_settings(want)
+            assert torch.equal(loaded(x), want(x))

@@ -29,7 +29,7 @@ import contextlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -392,7 +392,7 @@ def select_state_dict(checkpoint: Any, ema: bool | None = None) -> tuple[dict, b
 
     Args:
         checkpoint: the reference layout (``model``, ``model_ema``, ``ema_best``), a dict with
-            ``state_dict``, or a bare state dict.
+            ``state_dict`` or ``module``, or a bare state dict.
         ema: ``None`` follows ``ema_best``; ``True``/``False`` forces the EMA/standard weights.
 
     Raises:
@@ -412,11 +412,12 @@ def select_state_dict(checkpoint: Any, ema: bool | None = None) -> tuple[dict, b
         return dict(checkpoint["model"]), False
     if ema:
         raise ValueError("ema=True but the checkpoint holds no EMA weights ('model_ema')")
-    weights = checkpoint.get("state_dict", checkpoint)
+    wrapped = (checkpoint.get(k) for k in ("state_dict", "module"))
+    weights = next((w for w in wrapped if isinstance(w, Mapping)), checkpoint)
     if not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(
             "no state dict found: expected 'model' / 'model_ema' (the ATC reference layout), "
-            f"'state_dict', or tensors; keys: {sorted(checkpoint)[:10]}"
+            f"'state_dict', 'module', or tensors; keys: {sorted(checkpoint)[:10]}"
         )
     return dict(weights), False
 
@@ -429,10 +430,11 @@ class Architecture(NamedTuple):
     num_heads: int
     num_classes: int
     img_size: int
+    distilled: bool = False
 
     @property
     def timm_name(self) -> str:
-        return f"deit_{self.size}_patch16_224"
+        return f"deit_{self.size}_{'distilled_' if self.distilled else ''}patch16_224"
 
     @property
     def num_patches(self) -> int:
@@ -441,7 +443,7 @@ class Architecture(NamedTuple):
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
     """Size from the patch embedding width, classes from the head, image size from the
-    position embeddings.
+    position embeddings, the distilled DeiT when there is a ``dist_token``.
 
     Raises:
         ValueError: ViT-Adapter weights (load those through mmdet), or a ViT that is not a
@@ -470,10 +472,10 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
             f"weights of a ViT with width {dim}, patch {tuple(proj.shape[2:])} and {depth} "
             f"blocks; supported: DeiT {supported} with 16 x 16 patches and 12 blocks"
         )
-    prefix = 2 if "dist_token" in state_dict else 1
-    grid = int(round((pos.shape[1] - prefix) ** 0.5))
+    distilled = "dist_token" in state_dict  # DeiT distillation (train_deit.py --teacher-*)
+    grid = int(round((pos.shape[1] - 1 - distilled) ** 0.5))
     size = by_dim[dim]
-    return Architecture(size, dim, SIZES[size][1], int(head.shape[0]), grid * 16)
+    return Architecture(size, dim, SIZES[size][1], int(head.shape[0]), grid * 16, distilled)
 
 
 def _arg(args: Any, name: str, default: Any = None) -> Any:
@@ -535,6 +537,38 @@ def checkpoint_settings(checkpoint: Any, filename: str | None = None) -> dict[st
     )
 
 
+def kept_tokens_to_r(
+    reduction_loc: Sequence[int],
+    kept: Sequence[float],
+    num_patches: int,
+    num_blocks: int | None = None,
+) -> list[int]:
+    """Per-block ``r`` for the reference's ``--reduction_ratio`` given as token counts.
+
+    ``kept[j]`` patch tokens remain after block ``reduction_loc[j]`` (``num_patches`` enter the
+    first block). Returns ``num_blocks`` values (default ``max(reduction_loc) + 1``): e.g.
+    ``kept_tokens_to_r([1, 3], [150, 100], 196) == [0, 46, 0, 50]``. Used for the released
+    files' ``args`` and for the training scripts' ``--keep_rate`` alike.
+
+    Raises:
+        ValueError: counts and locations of different lengths, or counts that are not
+            decreasing integers in ``(0, num_patches]``.
+    """
+    kept, reduction_loc = list(kept), [int(v) for v in reduction_loc]
+    if len(kept) != len(reduction_loc):
+        raise ValueError(
+            f"{len(kept)} kept-token counts for {len(reduction_loc)} reduction locations: give "
+            "one keep rate or one kept-token count per location"
+        )
+    r = [0] * (num_blocks if num_blocks is not None else max(reduction_loc, default=-1) + 1)
+    left = num_patches
+    for loc, count in zip(reduction_loc, kept):
+        if count != int(count) or not 0 < count <= left:
+            raise ValueError(f"kept-token counts must be decreasing integers, got {kept}")
+        r[loc], left = left - int(count), int(count)
+    return r
+
+
 def _merge_settings(
     file: dict[str, Any], overrides: dict[str, Any], num_patches: int
 ) -> dict[str, Any]:
@@ -546,12 +580,8 @@ def _merge_settings(
         overrides["prop_attn"] = overrides.pop("proportional_attn")
     out = dict(file)
     if "keep_tokens" in out:  # reference token counts -> tokens removed per block
-        r = [0] * DEPTH
-        kept = num_patches
-        for loc, count in zip(out.pop("reduction_loc"), out.pop("keep_tokens")):
-            r[loc] = max(kept - count, 0)
-            kept = min(kept, count)
-        out["r"] = r
+        loc, kept = out.pop("reduction_loc"), out.pop("keep_tokens")
+        out["r"] = kept_tokens_to_r(loc, kept, num_patches, num_blocks=DEPTH)
     if {"r", "r_schedule"} & set(overrides):
         out.pop("keep_rate", None)
         out.pop("reduction_loc", None)
@@ -706,17 +736,27 @@ def _unwrap(model: Any) -> Any:
             return model
 
 
-def _state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+def _state_dict(obj: Any, what: str) -> dict[str, torch.Tensor] | None:
     if obj is None:
         return None
     if isinstance(obj, Mapping):
         return {k: v.detach().cpu() for k, v in obj.items()}
     obj = _unwrap(obj)
     if not isinstance(obj, nn.Module):
-        raise TypeError(
-            f"model_ema must be a module, a timm ModelEma*, a state dict or None, got {obj!r}"
-        )
+        raise TypeError(f"{what} must be a module, a timm ModelEma*, or a state dict, got {obj!r}")
     return {k: v.detach().cpu() for k, v in obj.state_dict().items()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with only plain types, so ``weights_only`` loading accepts it (paths and other
+    objects become strings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
 
 
 def save_pretrained(
@@ -732,14 +772,21 @@ def save_pretrained(
     """Write ``model`` as the reference ``best_checkpoint.pth`` layout, loadable by
     :func:`load_pretrained` (and by the reference ``validate_deit.py``).
 
-    The file is a dict ``{"model", "model_ema", "ema_best", "args", **extra}``: state dicts on
-    the CPU, and ``args`` an ``argparse.Namespace`` with the reference fields (``model``,
+    The one checkpoint writer of atc_patch: the training recipes (``atc_patch.train``) write
+    their ``checkpoint.pth`` / ``best_checkpoint.pth`` through it too, with the optimizer,
+    scheduler, scaler and epoch as ``extra``.
+
+    The file is a dict ``{"model", "model_ema", "ema_best", **extra, "args"}``: state dicts on
+    the CPU, and ``args`` an ``argparse.Namespace`` of plain values (paths and other objects
+    become strings, so the file loads weights-only) with the reference fields (``model``,
     ``input_size``, ``num_classes``, ``dataset``, ``reduction_ratio``, ``reduction_loc``,
     ``linkage``, ``proportional_attn``) filled from the model's patch settings, plus
-    ``atc_patch`` (those settings exactly, preferred when loading).
+    ``atc_patch`` (those settings exactly, preferred when loading). It is written to a
+    temporary file first and renamed, so an interrupted save never leaves half a checkpoint.
 
     Args:
-        model: a timm DeiT/ViT, patched or not (DDP / compiled wrappers are unwrapped).
+        model: a timm DeiT/ViT, patched or not (DDP / compiled wrappers are unwrapped); or a
+            bare state dict (then ``args`` is written as given, without derived fields).
         path: the ``.pth`` file to write (parent folders are created).
         model_ema: the EMA model (a module, a timm ``ModelEmaV2``/``V3`` or a state dict).
         ema_best: the EMA weights scored best (:func:`load_pretrained` then loads them).
@@ -756,19 +803,39 @@ def save_pretrained(
         ValueError: ``dataset`` not one of the above, or ``ema_best=True`` without
             ``model_ema``.
     """
-    from .patch import patch_settings
-
     ema_best = as_bool("ema_best", ema_best)
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
     net = _unwrap(model)
-    ema_weights = _state_dict(model_ema)
+    weights = _state_dict(net, "model")
+    ema_weights = _state_dict(model_ema, "model_ema")
     if ema_best and ema_weights is None:
         raise ValueError("ema_best=True needs the EMA weights (model_ema=...)")
 
-    ns = argparse.Namespace(**(vars(args) if isinstance(args, argparse.Namespace) else args or {}))
-    settings = patch_settings(net)
-    ours = _saved_settings(settings)
+    fields = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    ns = argparse.Namespace(**{str(k): _plain(v) for k, v in fields.items()})
+    if isinstance(net, nn.Module):
+        _add_reference_fields(ns, net, dataset)
+    checkpoint = {
+        "model": weights,
+        "model_ema": ema_weights,
+        "ema_best": ema_best,
+        **extra,
+        "args": ns,
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(out)
+    return out
+
+
+def _add_reference_fields(ns: argparse.Namespace, net: nn.Module, dataset: str | None) -> None:
+    """Fill the reference ``args`` fields ``ns`` lacks from ``net`` and its patch settings."""
+    from .patch import patch_settings
+
+    ours = _saved_settings(patch_settings(net))
     size = next((n for n, (d, _) in SIZES.items() if d == getattr(net, "embed_dim", None)), None)
     defaults = {
         "model": f"{ours['method'] or 'deit'}_{size or 'custom'}_patch16_224",
@@ -786,18 +853,6 @@ def save_pretrained(
     for key, value in defaults.items():
         if not hasattr(ns, key):
             setattr(ns, key, value)
-
-    checkpoint = {
-        "model": _state_dict(net),
-        "model_ema": ema_weights,
-        "ema_best": ema_best,
-        "args": ns,
-        **extra,
-    }
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
 
 
 def _saved_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -831,6 +886,7 @@ __all__ = [
     "checkpoint_settings",
     "eval_pretrained_cfg",
     "infer_architecture",
+    "kept_tokens_to_r",
     "load_checkpoint",
     "load_pretrained",
     "parse_filename",

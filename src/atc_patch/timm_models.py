@@ -13,9 +13,14 @@ DeiT by name::
 Model options (besides timm's ``VisionTransformer`` ones, e.g. ``num_classes``, ``img_size``,
 ``drop_path_rate``): ``linkage`` (ATC; default ``"average"``), ``keep_rate`` (default 0.7),
 ``reduction_loc`` (default ``(3, 6, 9)``), ``proportional_attn`` / ``prop_attn`` (default
-``True``), or ``r`` / ``r_schedule`` instead of ``keep_rate``; ``trace_source``; and for the
-weights ``dataset`` (``"im1k"`` default, ``"nab"``, ``"coco"``, ``"nus"``) and ``ema``
+``True``), or ``r`` / ``r_schedule`` instead of ``keep_rate``; ``trace_source``;
+``distilled=True`` for the DeiT with a distillation token (``VisionTransformerDistilled``, as
+``deit_*_distilled_patch16_224``; its ``.fb_in1k`` weights are timm's distilled DeiT's); and
+for the weights ``dataset`` (``"im1k"`` default, ``"nab"``, ``"coco"``, ``"nus"``) and ``ema``
 (``None`` follows the file's ``ema_best``).
+
+The training scripts (``examples/train_deit.py``, docs/training.md) build their ``atc_*`` /
+``tome_*`` models through these names.
 
 ``pretrained=True`` goes through timm's own hub loading: each released file is a pretrained
 tag, ``atc_small_patch16_224.<dataset>_<linkage>_<rate>`` (e.g. ``.im1k_complete_07``) with
@@ -31,6 +36,7 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 from timm.models import register_model as _register
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from . import pretrained as _pt
@@ -93,6 +99,7 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
     from_tag = _tag_settings(tag) if method == "atc" else {}
     dataset = kwargs.pop("dataset", from_tag.get("dataset", "im1k"))
     ema = kwargs.pop("ema", None)
+    distilled = kwargs.pop("distilled", False)
     if ema is not None and not pretrained:
         raise ValueError("ema chooses between the released weights: use it with pretrained=True")
     if dataset not in _pt.DATASETS:
@@ -110,7 +117,7 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
         patch.setdefault("keep_rate", from_tag.get("keep_rate", 0.7))
         patch.setdefault("reduction_loc", _pt.REDUCTION_LOC)
 
-    if pretrained_cfg is None:
+    if pretrained_cfg is None and not distilled:
         try:
             pretrained_cfg = _pick_release(method, size, dataset, patch)
         except ValueError:
@@ -118,13 +125,16 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
                 raise
     if pretrained and dataset != "im1k" and pretrained_cfg in (None, "fb_in1k"):
         raise ValueError(f"the {method}_{size}_patch16_224.fb_in1k weights are ImageNet-1k only")
+    cls = VisionTransformer
+    if distilled:
+        cls, pretrained_cfg = VisionTransformerDistilled, _distilled_cfg(size, pretrained_cfg)
 
     model_args = dict(patch_size=16, embed_dim=_pt.SIZES[size][0], depth=12)
     model_args["num_heads"] = _pt.SIZES[size][1]
     # Released files pickle their argparse.Namespace: let timm's weights-only load accept it.
     with _pt.allow_safe_globals():
         model = build_model_with_cfg(
-            VisionTransformer,
+            cls,
             f"{method}_{size}_patch16_224",
             pretrained,
             pretrained_cfg=pretrained_cfg,
@@ -133,6 +143,21 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
         )
     apply_patch(model, method=method, **patch)
     return model
+
+
+def _distilled_cfg(size: str, tag: Any) -> dict[str, Any]:
+    """timm's distilled DeiT weights (the only ones with a distillation token) as our cfg."""
+    if tag not in (None, "fb_in1k"):
+        raise ValueError(
+            f"the released files have no distillation token: with distilled=True use the tag "
+            f"fb_in1k (timm's distilled DeiT weights), not {tag!r}"
+        )
+    cfg = get_pretrained_cfg(f"deit_{size}_distilled_patch16_224.fb_in1k")
+    out = cfg.to_dict() if cfg is not None else {}
+    out.pop("architecture", None)
+    out.setdefault("hf_hub_id", f"timm/deit_{size}_distilled_patch16_224.fb_in1k")
+    out["tag"] = "fb_in1k"
+    return out
 
 
 def _pick_release(method: str, size: str, dataset: str, patch: dict[str, Any]) -> str:

@@ -5,9 +5,12 @@ Install with ``pip install 'atc-patch[train]'``.
 * :mod:`~atc_patch.train.datasets`: ImageNet (ImageFolder), NABirds, COCO 2014 and NUS-WIDE in
   their official layouts (:func:`build_dataset`).
 * :mod:`~atc_patch.train.metrics`: multi-label mean average precision.
-* :mod:`~atc_patch.train.checkpoint`: checkpoints in the reference layout, loaded with
-  ``weights_only=True``; ``--finetune`` loading (head drop, ``pos_embed`` resampling).
-* :mod:`~atc_patch.train.models`: the scripts' model names (``atc_small_patch16_224`` ...).
+* :mod:`~atc_patch.train.checkpoint`: checkpoints in the reference layout, written by
+  :func:`atc_patch.save_pretrained` and read weights-only by
+  :func:`atc_patch.pretrained.load_checkpoint` (so :func:`atc_patch.load_pretrained` loads
+  them); ``--finetune`` loading (head drop, ``pos_embed`` resampling).
+* :mod:`~atc_patch.train.models`: the scripts' model names (``atc_small_patch16_224`` ... are
+  the timm registry entries of :mod:`atc_patch.timm_models`).
 * :mod:`~atc_patch.train.engine` / :mod:`~atc_patch.train.recipe`: the training loop on timm's
   optimizers, schedulers, losses, EMA and AMP, single process or DDP under ``torchrun``.
 """

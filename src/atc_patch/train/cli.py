@@ -251,10 +251,18 @@ def model_builder(
     kwargs: dict[str, Any] | None = None,
     spec_name: str | None = None,
 ) -> Callable[[int], nn.Module]:
-    """``num_classes -> model``: create, load ``--finetune``, apply the reduction."""
-    import atc_patch
+    """``num_classes -> model``: create, load ``--finetune``, reduce.
 
-    from .checkpoint import load_checkpoint, load_finetune_weights, model_state
+    ``atc_*`` / ``tome_*`` names go through the timm registry (:mod:`atc_patch.timm_models`),
+    which patches the model it builds: ``timm.create_model(name, linkage=..., keep_rate=...,
+    reduction_loc=..., proportional_attn=...)``. Other models are created by timm (or are the
+    shipped digits ViT) and patched with ``atc_patch.apply_patch`` when ``--merge_fn`` /
+    ``--r-count`` ask for it.
+    """
+    import atc_patch
+    from atc_patch.pretrained import select_state_dict
+
+    from .checkpoint import load_checkpoint, load_finetune_weights
 
     try:
         spec = resolve_model(spec_name or args.model, distilled=distilled)
@@ -263,20 +271,24 @@ def model_builder(
 
     def build(num_classes: int) -> nn.Module:
         pretrained = args.pretrained and not args.finetune
-        model = create_model(
-            spec,
-            pretrained=pretrained,
-            num_classes=num_classes,
-            img_size=args.input_size,
-            **(kwargs or {}),
-        )
+        create = dict(pretrained=pretrained, num_classes=num_classes, img_size=args.input_size)
+        if spec.registered:  # the registry's DeiTs: 16 x 16 patches
+            method, opts = patch_options(args, spec.method, (args.input_size // 16) ** 2)
+            opts = dict(opts or {})
+            opts["proportional_attn"] = opts.pop("prop_attn")
+            model = create_model(
+                spec, **create, reduction=opts, distilled=distilled, **(kwargs or {})
+            )
+        else:
+            model = create_model(spec, **create, **(kwargs or {}))
         if args.finetune:
-            state = model_state(load_checkpoint(args.finetune), prefer_ema=False)
+            state, _ = select_state_dict(load_checkpoint(args.finetune), ema=False)
             missing, unexpected = load_finetune_weights(model, state)
             print(f"finetune from {args.finetune}: missing {missing}, unexpected {unexpected}")
-        method, opts = patch_options(args, spec.method, model.patch_embed.num_patches)
-        if method is not None:
-            atc_patch.apply_patch(model, method=method, **opts)
+        if not spec.registered:
+            method, opts = patch_options(args, spec.method, model.patch_embed.num_patches)
+            if method is not None:
+                atc_patch.apply_patch(model, method=method, **opts)
         return model
 
     return build

@@ -1,13 +1,15 @@
-"""Model names of the ATC scripts -> timm models patched with atc_patch.
+"""Model names of the ATC scripts -> timm models.
 
-``atc_{tiny,small,base}_patch16_224`` and ``tome_{...}_patch16_224`` are DeiT models with ATC /
-ToMe; ``deit_{...}_patch16_224`` are the unreduced baselines (the reference's ``*_local``
-spellings are accepted too). Any other timm model name is created as it is, and ``digits``
+``atc_{tiny,small,base}_patch16_224`` and ``tome_{...}_patch16_224`` are the timm registry
+entries of :mod:`atc_patch.timm_models` (imported here): the scripts build them with
+``timm.create_model(name, linkage=..., keep_rate=..., reduction_loc=...,
+proportional_attn=...)``, exactly as timm's own scripts would, and a pretrained tag may be named
+(``atc_small_patch16_224.im1k_complete_07`` starts from that released file; without a tag
+training starts from timm's DeiT weights, ``.fb_in1k``, as the reference recipe does).
+``deit_{...}_patch16_224`` are timm's unreduced DeiTs (the reference's ``*_local`` spellings
+are accepted too). Any other timm model name is created as it is, and ``digits``
 (``atc_digits``, ``tome_digits``) is the small ViT shipped with atc_patch
 (:mod:`atc_patch.digits`, weights included).
-
-:func:`resolve_model` is the one place that maps these names; a timm registry of the same
-names can replace it without touching the scripts.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 
 from torch import nn
 
-SIZES = ("tiny", "small", "base")
-PREFIXES = {"atc": "atc", "tome": "tome", "deit": None}
+from atc_patch.pretrained import kept_tokens_to_r
+from atc_patch.timm_models import MODEL_NAMES
+
 METHODS = ("atc", "tome")
-REFERENCE_NAMES = tuple(f"{p}_{s}_patch16_224" for p in PREFIXES for s in SIZES)
+DEIT_NAMES = tuple(f"deit_{s}_patch16_224" for s in ("tiny", "small", "base"))
+REFERENCE_NAMES = (*MODEL_NAMES, *DEIT_NAMES)
 # MAE fine-tuning names (models_vit_mae in the reference) -> timm architectures.
 MAE_NAMES = {
     "vit_base_patch16": "vit_base_patch16_224",
@@ -32,28 +36,37 @@ MAE_NAMES = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a script model name means: the timm architecture and the reduction method."""
+    """What a script model name means.
+
+    ``timm_name`` is what ``timm.create_model`` is called with (a registry name, possibly with
+    a pretrained tag, or ``"digits"``); ``method`` the reduction (``"atc"``, ``"tome"`` or
+    ``None``); ``registered``: the name is an :mod:`atc_patch.timm_models` entry, which
+    applies the reduction itself from the reduction keyword arguments.
+    """
 
     name: str
     timm_name: str
-    method: str | None  # "atc", "tome" or None (no reduction)
+    method: str | None
+    registered: bool = False
 
 
 def resolve_model(name: str, distilled: bool = False) -> ModelSpec:
     """Map a script model name to a :class:`ModelSpec`.
 
-    ``distilled`` picks the DeiT variant with a distillation token (DeiT distillation).
+    ``distilled`` picks the DeiT variant with a distillation token (DeiT distillation): the
+    ``deit_*_distilled_patch16_224`` timm name, or ``distilled=True`` for the registry names.
     Raises ``ValueError`` listing the valid names for a name that is neither one of
-    :data:`REFERENCE_NAMES`, ``digits``, nor a timm model.
+    :data:`REFERENCE_NAMES` (optionally with a ``.tag``), ``digits``, nor a timm model.
     """
     base = name.removesuffix("_local")
     prefix, _, rest = base.partition("_")
-    if base == "digits" or (prefix in PREFIXES and rest == "digits"):
-        return ModelSpec(name, "digits", PREFIXES.get(prefix) if rest else None)
-    if base in REFERENCE_NAMES:
-        size = rest.split("_")[0]
-        timm_name = f"deit_{size}_{'distilled_' if distilled else ''}patch16_224"
-        return ModelSpec(name, timm_name, PREFIXES[prefix])
+    if base == "digits" or (prefix in METHODS and rest == "digits"):
+        return ModelSpec(name, "digits", prefix if rest else None)
+    if base.partition(".")[0] in MODEL_NAMES:
+        return ModelSpec(name, base, prefix, registered=True)
+    if base in DEIT_NAMES:
+        timm_name = base.replace("_patch", "_distilled_patch") if distilled else base
+        return ModelSpec(name, timm_name, None)
     if base in MAE_NAMES:
         return ModelSpec(name, MAE_NAMES[base], None)
     import timm
@@ -67,33 +80,44 @@ def resolve_model(name: str, distilled: bool = False) -> ModelSpec:
 
 
 def create_model(
-    spec: ModelSpec, *, pretrained: bool, num_classes: int, img_size: int, **kwargs: Any
+    spec: ModelSpec,
+    *,
+    pretrained: bool,
+    num_classes: int,
+    img_size: int,
+    reduction: dict[str, Any] | None = None,
+    distilled: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
-    """Build the model of ``spec`` (not yet patched).
+    """Build the model of ``spec``: patched when ``spec.registered`` (with ``reduction``, the
+    registry's keyword arguments), otherwise not yet patched.
 
-    ``pretrained`` loads timm's weights (downloaded by timm) or, for ``digits``, the shipped
-    ones; a head of another size is re-initialised and ``pos_embed`` resampled to
-    ``img_size``. ``kwargs`` go to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``,
-    ``global_pool`` ...). Raises ``RuntimeError`` saying what to do when weights cannot be
-    downloaded.
+    ``pretrained`` loads timm's weights (downloaded by timm; the ``.fb_in1k`` DeiT for a
+    registry name without a tag) or, for ``digits``, the shipped ones; a head of another size
+    is re-initialised and ``pos_embed`` resampled to ``img_size``. ``kwargs`` go to
+    ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``global_pool`` ...). Raises
+    ``RuntimeError`` saying what to do when weights cannot be downloaded.
     """
     if spec.timm_name == "digits":
         return _digits(pretrained, num_classes, img_size, **kwargs)
     import timm
 
+    name = spec.timm_name
+    if spec.registered:
+        kwargs.update(reduction or {})
+        if distilled:
+            kwargs["distilled"] = True
+        if "." not in name:
+            name += ".fb_in1k"  # fine-tune from DeiT, as the reference (not from a release)
     try:
         model = timm.create_model(
-            spec.timm_name,
-            pretrained=pretrained,
-            num_classes=num_classes,
-            img_size=img_size,
-            **kwargs,
+            name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **kwargs
         )
     except (OSError, RuntimeError, ValueError) as e:
         if not pretrained:
             raise
         raise RuntimeError(
-            f"could not load pretrained weights for {spec.timm_name} ({type(e).__name__}: {e}); "
+            f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
             "offline? pass --finetune <local checkpoint> with --no-pretrained"
         ) from e
     return model
@@ -132,8 +156,7 @@ def reduction_options(
     if method is None:
         if keep_rate or reduction_loc:
             raise ValueError(
-                "--keep_rate/--reduction_loc need a reducing model: "
-                f"{[n for n in REFERENCE_NAMES if not n.startswith('deit')]}"
+                f"--keep_rate/--reduction_loc need a reducing model: {list(MODEL_NAMES)}"
             )
         return None
     if method not in METHODS:
@@ -147,17 +170,6 @@ def reduction_options(
         raise ValueError("--linkage applies to atc_* models only")
     if len(keep_rate) == 1:
         return {**opts, "keep_rate": float(keep_rate[0]), "reduction_loc": tuple(reduction_loc)}
-    if len(keep_rate) != len(reduction_loc):
-        raise ValueError(
-            f"--keep_rate has {len(keep_rate)} values for {len(reduction_loc)} reduction "
-            "locations: give one rate or one kept-token count per location"
-        )
     if num_patches is None:
         raise ValueError("per-location token counts need num_patches")
-    r = [0] * (max(reduction_loc) + 1)
-    kept = num_patches
-    for loc, count in zip(reduction_loc, keep_rate):
-        if count != int(count) or not 0 < count <= kept:
-            raise ValueError(f"kept-token counts must be decreasing integers, got {keep_rate}")
-        r[loc], kept = kept - int(count), int(count)
-    return {**opts, "r": r}
+    return {**opts, "r": kept_tokens_to_r(reduction_loc, keep_rate, num_patches)}

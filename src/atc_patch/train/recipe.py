@@ -27,7 +27,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from .checkpoint import load_checkpoint, model_state, save_checkpoint
+from atc_patch.pretrained import select_state_dict
+
+from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import build_dataset, is_multi_label
 from .engine import (
     DistEnv,
@@ -167,15 +169,15 @@ def build_teacher(args: argparse.Namespace, num_classes: int, env: DistEnv) -> n
         ckpt = torch.hub.load_state_dict_from_url(args.teacher_path, map_location="cpu")
     else:
         ckpt = load_checkpoint(args.teacher_path)
-    teacher.load_state_dict(model_state(ckpt, prefer_ema=False))
+    teacher.load_state_dict(select_state_dict(ckpt, ema=False)[0])
     return teacher.to(env.device).eval()
 
 
 def _save(path: Path, model, ema, optimizer, scheduler, scaler, epoch, args, ema_best) -> None:
     save_checkpoint(
         path,
-        model=model.state_dict(),
-        model_ema=ema.module.state_dict() if ema is not None else None,
+        model=model,  # the module: its patch settings go into args for load_pretrained
+        model_ema=ema,
         ema_best=bool(ema_best),
         optimizer=optimizer.state_dict(),
         lr_scheduler=scheduler.state_dict(),
