@@ -450,6 +450,22 @@ def test_bad_options_raise_value_error(bad, match):
         atc_patch.apply_patch(model, method="bogus")
 
 
+@pytest.mark.parametrize(
+    ("method", "bad"),
+    [("atc", dict(sx=2)), ("atc", dict(seed=1)), ("tome", dict(use_rand=False)),
+     ("tome", dict(linkage="single")), ("dpcknn", dict(sy=2))],
+)  # fmt: skip
+def test_options_of_other_methods_are_rejected(method, bad):
+    model = model_of("tiny-flux")
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"unknown option.*{name}.*method='{method}'"):
+        atc_patch.apply_patch(model, method=method, ratio=0.5, **bad)
+    if name in ("seed", "linkage"):
+        atc_patch.apply_patch(model, method=method, ratio=0.5, **{name: None})  # the default
+    if name != "linkage":
+        atc_patch.apply_patch(model, method="tome_sd", ratio=0.5, **bad)  # tome_sd takes them
+
+
 def test_unsupported_transformer_is_a_type_error():
     other = diffusers.Transformer2DModel(
         num_attention_heads=1, attention_head_dim=8, in_channels=32
