@@ -641,7 +641,9 @@ def load_pretrained(
             with ``keep_rate`` choosing its file (see :func:`resolve`).
         ema: ``None`` loads the EMA weights when the file's ``ema_best`` is set, else the
             standard ones; ``True``/``False`` forces one.
-        revision, cache_dir, token: ``huggingface_hub`` download options.
+        revision: ``huggingface_hub`` download option: the hub revision (branch, tag, commit).
+        cache_dir: ``huggingface_hub`` download option: the cache folder.
+        token: ``huggingface_hub`` download option: the access token.
         **overrides: change the reduction the file was trained with: ``method`` (``"atc"``,
             ``"tome"``, ``"kmedoids"``, ``"dpcknn"`` or ``None`` for the unpatched DeiT),
             ``linkage``, ``keep_rate``, ``reduction_loc``, ``prop_attn`` (alias
