@@ -91,7 +91,18 @@ def simulate(steps: Sequence[Step], num_tokens: int, method: str, protected: int
 
 @dataclass(frozen=True)
 class Schedule:
-    """A validated reduction schedule. Build it with :func:`make_schedule`."""
+    """A validated reduction schedule: how many tokens each block removes. Build it with
+    :func:`make_schedule`, which raises ``ValueError`` for bad arguments.
+
+    Attributes:
+        r: tokens removed per block (an int), or one value per block (a tuple); or ``None``.
+        r_schedule: ``"constant"`` or ``"decrease"`` (ToMe's ``parse_r`` ramp) for an int ``r``.
+        keep_rate: fraction of the unprotected tokens kept after each ``reduction_loc``.
+        reduction_loc: the block indices that reduce with ``keep_rate``.
+        keep_rate_mode: ``"target"`` (each location aims at ``keep_rate ** (j + 1)`` of the
+            tokens, whatever earlier blocks managed) or ``"reference"`` (the reference code's
+            fixed deltas).
+    """
 
     r: int | tuple[int, ...] | None = None
     r_schedule: str = "constant"

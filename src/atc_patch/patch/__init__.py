@@ -55,10 +55,28 @@ def _find_family(model: Any) -> ModuleType:
 def apply_patch(model: Any, method: str = "atc", **options: Any) -> Any:
     """Patch ``model`` in place for token reduction and return it (the same object).
 
-    ``method`` is a kernel method (``"atc"``, ``"tome"``, ``"tome_sd"``, ``"kmedoids"``,
-    ``"dpcknn"``; each family says which it supports) and ``options`` are the family's settings
-    (``r``, ``linkage``, ``keep_rate`` ... for ViTs; ``ratio`` ... for diffusers). A model that
-    is already patched is un-patched first, so calling this again changes the settings.
+    A model that is already patched is un-patched first, so calling this again changes the
+    settings. Parameters, buffers and ``state_dict`` are untouched.
+
+    Args:
+        model: a supported model (see ``SUPPORTED``): a timm or torchvision ViT, a transformers
+            vision encoder or its task model, a diffusers UNet or diffusion transformer or a
+            pipeline holding one, an ``atc_patch.mmdet`` ViTAdapter or a detector holding one.
+        method: a kernel method: ``"atc"``, ``"tome"``, ``"tome_sd"`` (diffusion models),
+            ``"kmedoids"`` or ``"dpcknn"``.
+        **options: the family's settings: ``r``, ``r_schedule``, ``keep_rate``,
+            ``reduction_loc``, ``linkage``, ``prop_attn``, ``trace_source`` ... for ViT-like
+            encoders; ``ratio``, ``linkage``, ``sx``, ``sy``, ``seed`` ... for diffusion models
+            (see each family's guide).
+
+    Returns:
+        ``model`` itself, patched.
+
+    Raises:
+        TypeError: ``model`` is not a supported model (the message lists what is).
+        ValueError: an unknown option (the message lists the valid ones and the family's
+            equivalent of another family's option), a bad value, or settings that reduce
+            nothing where that cannot be meant.
     """
     fam = _find_family(model)
     if _patch_info(model) is not None:
@@ -81,7 +99,15 @@ def _patch_info(model: Any) -> PatchInfo | None:
 
 
 def remove_patch(model: Any) -> Any:
-    """Undo :func:`apply_patch` exactly; a model that is not patched is returned unchanged."""
+    """Undo :func:`apply_patch` exactly; a model that is not patched is returned unchanged.
+
+    Args:
+        model: a model patched by :func:`apply_patch`, or the pipeline/detector/task model
+            holding the part that was patched (either one may be given).
+
+    Returns:
+        ``model`` itself, with its original classes and forwards (bit-identical outputs).
+    """
     info = _patch_info(model)
     if info is None:
         return model
@@ -90,7 +116,15 @@ def remove_patch(model: Any) -> Any:
 
 
 def patch_settings(model: Any) -> dict[str, Any] | None:
-    """The settings ``model`` was patched with (a copy), or ``None`` if it is not patched."""
+    """The settings ``model`` was patched with, or ``None`` if it is not patched.
+
+    Args:
+        model: a patched model, or the pipeline/detector/task model holding the patched part.
+
+    Returns:
+        A new dict: every option with the value actually used (defaults filled in), plus
+        ``"method"`` and ``"family"``; or ``None``.
+    """
     info = _patch_info(model)
     return None if info is None else dict(info.settings, method=info.method, family=info.family)
 
