@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..kernel import LINKAGES, cluster_tokens
+from ..kernel import BACKENDS, LINKAGES, cluster_tokens
 from ..kernel.plan import MergePlan
 from ..schedule import Schedule, make_schedule
 
@@ -39,6 +39,7 @@ VIT_OPTIONS = (
     "linkage",
     "prop_attn",
     "trace_source",
+    "backend",
 )
 
 _CONFIG_ATTR = "_atc_vit"
@@ -56,6 +57,7 @@ class ViTReduction:
         prop_attn: add ``log(size)`` to the attention logits (proportional attention).
         trace_source: keep the map from output tokens to input tokens of the last forward.
         protected: leading tokens that never merge (class, distillation, register tokens).
+        backend: ATC kernel backend, one of :data:`~atc_patch.kernel.BACKENDS`.
     """
 
     method: str
@@ -64,6 +66,7 @@ class ViTReduction:
     prop_attn: bool
     trace_source: bool
     protected: int
+    backend: str = "auto"
 
     def block_r(self, num_blocks: int, num_tokens: int) -> list[int]:
         """Tokens each of ``num_blocks`` blocks removes when ``num_tokens`` tokens enter block 0.
@@ -108,6 +111,11 @@ def make_reduction(method: str, protected: int, options: dict[str, Any]) -> ViTR
     for flag in ("prop_attn", "trace_source"):
         if not isinstance(options.get(flag, False), bool):
             raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+    backend = options.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and method != "atc":
+        raise ValueError(f"backend='triton' applies to method='atc' only, not to {method!r}")
     schedule = make_schedule(
         r=options.get("r"),
         r_schedule=options.get("r_schedule", "constant"),
@@ -121,6 +129,7 @@ def make_reduction(method: str, protected: int, options: dict[str, Any]) -> ViTR
         prop_attn=options.get("prop_attn", True),
         trace_source=options.get("trace_source", False),
         protected=protected,
+        backend=backend,
     )
 
 
@@ -137,6 +146,7 @@ def settings_of(config: ViTReduction, options: dict[str, Any]) -> dict[str, Any]
         "prop_attn": config.prop_attn,
         "trace_source": config.trace_source,
         "protected": config.protected,
+        "backend": config.backend,
     }
 
 
@@ -161,11 +171,16 @@ def clear_config(module: torch.nn.Module) -> None:
 # --- the reduction step -----------------------------------------------------------------------
 
 
-@torch._dynamo.disable
 def _plan(metric: Tensor, r: int, config: ViTReduction) -> MergePlan:
-    # Clustering is data-dependent control flow: keep it out of torch.compile graphs.
+    # ATC runs as a custom op under torch.compile (its output shape is fixed), so a patched
+    # model compiles with fullgraph=True.
     return cluster_tokens(
-        metric, r, method=config.method, linkage=config.linkage, protected=config.protected
+        metric,
+        r,
+        method=config.method,
+        linkage=config.linkage,
+        protected=config.protected,
+        backend=config.backend,
     )
 
 
@@ -257,7 +272,6 @@ def enable_trace(*modules: torch.nn.Module) -> None:
         object.__setattr__(module, _TRACE_ATTR, slot)
 
 
-@torch._dynamo.disable
 def store_source(module: torch.nn.Module, tokens: Tokens, num_tokens: int) -> None:
     """Record the source map of a finished forward in the calling thread's slot.
 

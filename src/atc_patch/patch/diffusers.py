@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..kernel import LINKAGES, cluster_tokens
+from ..kernel import BACKENDS, LINKAGES, cluster_tokens
 from ..kernel.plan import MergePlan
 from ._common import PatchInfo, clear_patch_info, restore_class, set_patch_info, swap_class
 
@@ -74,6 +74,7 @@ class Settings:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -96,17 +97,58 @@ class _UNetCall:
         self.latent_hw = latent_hw
         self._timestep = timestep
         self._generator: torch.Generator | None = None
+        self.draws: list[
+            int
+        ] = []  # under torch.compile: the draws so far (see _tome_sd_call_labels)
         self.token: contextvars.Token | None = None
 
     def generator(self, seed: int) -> torch.Generator:
         """A CPU generator seeded from ``(seed, timestep)``: every denoising step draws new
         destinations, and the same run draws the same ones. Made once per call, on first use."""
         if self._generator is None:
-            t = self._timestep
-            t = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t or 0.0)
-            call_seed = (seed * 1_000_003 + int(round(t * 1000))) % (2**63)
-            self._generator = torch.Generator().manual_seed(call_seed)
+            self._generator = _call_generator(seed, self._timestep)
         return self._generator
+
+
+def _call_generator(seed: int, timestep: Any) -> torch.Generator:
+    """The CPU generator of a UNet call at ``timestep`` (a number or a tensor) for ``seed``."""
+    t = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep or 0.0)
+    return torch.Generator().manual_seed((seed * 1_000_003 + int(round(t * 1000))) % (2**63))
+
+
+@torch.library.custom_op("atc_patch::tome_sd_call_labels", mutates_args=())
+def _tome_sd_call_labels(
+    x: Tensor, timestep: Tensor, seed: int, before: list[int], grid: list[int], r: int
+) -> Tensor:
+    """ToMe-SD labels ``(B, N)`` of one block under ``torch.compile``, which cannot hold a
+    ``torch.Generator``: the call's generator is re-made from ``(seed, timestep)`` and advanced
+    past the draws of the blocks before (``before``: ``(high, rows, cols)`` triples), so the
+    destinations equal eager mode's. ``grid`` is ``(h, w, sx, sy)``."""
+    gen = _call_generator(seed, timestep)
+    for high, rows, cols in zip(before[0::3], before[1::3], before[2::3], strict=True):
+        torch.randint(high, (rows, cols, 1), generator=gen)
+    h, w, sx, sy = grid
+    plan = cluster_tokens(x, r, "tome_sd", h=h, w=w, sx=sx, sy=sy, generator=gen)
+    return plan.labels.clone()
+
+
+@_tome_sd_call_labels.register_fake
+def _(x: Tensor, timestep: Tensor, seed: int, before: list[int], grid: list[int], r: int):
+    return x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+def _compiled_tome_sd_plan(call: _UNetCall, x: Tensor, r: int, s: Settings, h: int, w: int):
+    """The randomised ToMe-SD plan inside ``torch.compile`` (see :func:`_tome_sd_call_labels`)."""
+    hsy, wsx = h // s.sy, w // s.sx
+    sources = x.shape[1] - hsy * wsx
+    if r <= 0 or hsy == 0 or wsx == 0 or sources == 0:
+        return MergePlan.identity(x.shape[0], x.shape[1], x.device)
+    t = call._timestep
+    t = t if isinstance(t, Tensor) else torch.tensor(float(t or 0.0))
+    seed = s.seed if s.seed is not None else 0
+    labels = _tome_sd_call_labels(x.detach(), t, seed, list(call.draws), [h, w, s.sx, s.sy], r)
+    call.draws.extend((s.sx * s.sy, hsy, wsx))
+    return MergePlan(labels, x.shape[1] - min(r, sources))
 
 
 @dataclass(frozen=True)
@@ -117,12 +159,33 @@ class _ActiveMerge:
     targets: tuple[nn.Module, ...]
 
 
-_UNET_CALL: contextvars.ContextVar[_UNetCall | None] = contextvars.ContextVar(
-    "atc_patch_unet_call", default=None
-)
-_ACTIVE: contextvars.ContextVar[_ActiveMerge | None] = contextvars.ContextVar(
-    "atc_patch_active_merge", default=None
-)
+class _CallVar:
+    """A context variable (``get`` / ``set`` -> token / ``reset(token)``) that also works
+    inside ``torch.compile``, which cannot set context variables: while compiling, the value
+    lives in a plain attribute that dynamo traces as a side effect of the compiled call."""
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+        self._traced: Any = None
+
+    def get(self) -> Any:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: Any) -> Any:
+        if torch.compiler.is_compiling():
+            token, self._traced = (self._traced,), value
+            return token
+        return self._var.set(value)
+
+    def reset(self, token: Any) -> None:
+        if isinstance(token, tuple):
+            self._traced = token[0]
+        else:
+            self._var.reset(token)
+
+
+_UNET_CALL = _CallVar("atc_patch_unet_call")  # holds a _UNetCall or None
+_ACTIVE = _CallVar("atc_patch_active_merge")  # holds an _ActiveMerge or None
 
 
 def _unet_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,7 +279,14 @@ def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
         return None
     s = cfg.settings
     if cfg.method != "tome_sd":
-        return cluster_tokens(x, r, cfg.method, linkage=s.linkage if cfg.method == "atc" else None)
+        atc = cfg.method == "atc"
+        return cluster_tokens(
+            x,
+            r,
+            cfg.method,
+            linkage=s.linkage if atc else None,
+            backend=s.backend if atc else "auto",
+        )
     call = _UNET_CALL.get()
     h, w = _block_grid(call, cfg.downsample, n)
     # tomesd: with an odd batch the prompted and unprompted halves of a CFG batch cannot both
@@ -227,6 +297,8 @@ def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
         if cfg.generator is not None:
             gen = cfg.generator
         elif call is not None:
+            if torch.compiler.is_compiling():  # no torch.Generator inside a compiled graph
+                return _compiled_tome_sd_plan(call, x, r, s, h, w)
             gen = call.generator(s.seed if s.seed is not None else 0)
     return cluster_tokens(
         x, r, "tome_sd", h=h, w=w, sx=s.sx, sy=s.sy, no_rand=not use_rand, generator=gen
@@ -310,6 +382,7 @@ def apply(
     merge_mlp: bool = False,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> PatchInfo:
     """Patch a ``UNet2DConditionModel`` (or ``pipe.unet``) in place for token reduction.
 
@@ -329,6 +402,8 @@ def apply(
             seed taken (without advancing it) from the global torch RNG at patch time.
         generator: instead of ``seed``, draw from this generator (advanced by every call; re-seed
             it to reproduce a run; shared by concurrent calls, unlike ``seed``).
+        backend: ``"atc"``'s kernel, one of :data:`~atc_patch.kernel.BACKENDS` (see
+            :func:`~atc_patch.cluster_tokens`).
     """
     unet = _unet_of(model)
     if unet is None:
@@ -346,9 +421,14 @@ def apply(
             merge_crossattn=merge_crossattn,
             merge_mlp=merge_mlp,
             seed=seed,
+            backend=backend,
         ),
         generator,
     )
+    if backend not in BACKENDS or (backend == "triton" and method != "atc"):
+        raise ValueError(
+            f"backend must be one of {BACKENDS} ('triton': method='atc'), got {backend!r}"
+        )
     if _is_patched(unet):
         remove(unet)
     blocks = transformer_blocks(unet)
