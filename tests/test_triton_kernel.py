@@ -111,3 +111,28 @@ def test_patch_functions_accept_backend() -> None:
     atc_patch.remove_patch(model)
     with pytest.raises(ValueError, match="backend must be one of"):
         atc_patch.apply_patch(model, method="atc", r=1, backend="gpu")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block", "warps"), [("fp32", 256, 4), ("fp64", 32, 4), ("fp32", 4096, 8)]
+)
+@pytest.mark.parametrize("link", [0, 1, 2])
+def test_kernel_compiles_for_hopper(dtype: str, block: int, warps: int, link: int) -> None:
+    """The kernel compiles to an sm_90 (H100/H200) cubin without a GPU, which the interpreter
+    does not check (types of the loops, layouts, reductions)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from atc_patch.kernel.triton_atc import _kernel
+
+    kernel, _, interpreted = _kernel()
+    if interpreted:
+        pytest.skip("this process runs triton interpreted")
+    signature = {"d_ptr": f"*{dtype}", "dmin_ptr": f"*{dtype}", "out_ptr": "*i64"}
+    signature |= {"M": "i32", "P": "i32", "R": "i32"}
+    signature |= {"LINK": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr"}
+    consts = {"LINK": link, "BLOCK": block, "ROWS": max(1, min(16, 4096 // block))}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert compiled.asm["cubin"]

@@ -59,7 +59,7 @@ def _kernel() -> Any:
             "backend='triton' needs the triton package (pip install triton)"
         ) from err
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "P", "R"])  # one compile per linkage and block
     def atc_kernel(
         d_ptr,  # (B, M, M) working matrix, overwritten
         dmin_ptr,  # (B, M) scratch
