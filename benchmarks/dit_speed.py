@@ -223,6 +223,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@torch.no_grad()  # not set_grad_enabled(False): main() is also called from the tests
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -262,7 +263,6 @@ def main(argv: list[str] | None = None) -> None:
         if a.threads < 1:
             p.error("--threads must be >= 1")
         torch.set_num_threads(a.threads)
-    torch.set_grad_enabled(False)
     methods = ["unpatched"] + [m for m in a.methods if m != "unpatched"]
     todo = [Config("unpatched", 0.0)] + [Config(m, r) for r in a.ratios for m in methods[1:]]
     if a.metric_dim:

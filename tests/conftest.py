@@ -18,3 +18,12 @@ def same_partition(a, b) -> bool:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every device the suite can run on here: the CPU, and CUDA when a GPU is present."""
+    return torch.device(request.param)

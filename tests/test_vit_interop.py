@@ -141,7 +141,9 @@ def test_dynamic_input_size_warns_for_the_size_it_sees():
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_unknown_options_are_value_errors_with_hints(family):
     model = BUILDERS[family]()
-    with pytest.raises(ValueError, match=r"valid options: \['keep_rate', 'keep_rate_mode'"):
+    with pytest.raises(
+        ValueError, match=r"valid options: \['backend', 'keep_rate', 'keep_rate_mode'"
+    ):
         atc_patch.apply_patch(model, method="atc", r=2, speed="fast")
     with pytest.raises(ValueError, match="sx/sy/use_rand/seed belong to method='tome_sd'"):
         atc_patch.apply_patch(model, method="atc", r=2, sx=2)

@@ -15,16 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .atc import LINKAGES, agglomerative_labels_ws
+from .atc import LINKAGES
 from .bipartite import bipartite_plan, bipartite_random2d_plan
 from .centers import dpcknn_labels, kmedoids_labels
-from .distance import cosine_distance, negative_cosine_workspace
+from .distance import cosine_distance
+from .ops import BACKENDS, atc_labels, atc_labels_impl, resolve_backend
 from .plan import MergePlan
 from .scratch import release_workspace
 
 METHODS = ("atc", "tome", "tome_sd", "kmedoids", "dpcknn")
 
 __all__ = [
+    "BACKENDS",
     "LINKAGES",
     "METHODS",
     "MergePlan",
@@ -59,6 +61,7 @@ def cluster_tokens(
     generator: torch.Generator | None = None,
     k: int = 5,
     iters: int = 10,
+    backend: str = "auto",
 ) -> MergePlan:
     """Plan the removal of ``r`` tokens from ``metric`` by merging similar tokens.
 
@@ -77,6 +80,10 @@ def cluster_tokens(
         generator: ``"tome_sd"`` only: the ``torch.Generator`` drawing the destinations.
         k: ``"dpcknn"`` only, neighbours used for the density.
         iters: ``"kmedoids"`` only, maximum assignment/update iterations.
+        backend: ``"atc"`` only (other methods are plain torch): ``"auto"`` (the fused Triton
+            kernel on CUDA up to 1024 free tokens, the torch rounds otherwise), ``"torch"`` or
+            ``"triton"`` (forced; on the CPU only under ``TRITON_INTERPRET=1``, else a
+            :class:`~atc_patch.kernel.triton_atc.TritonUnavailableError`, a ``RuntimeError``).
 
     Returns:
         A :class:`MergePlan` with ``labels`` ``(B, N)`` and ``num_out = N - r``.
@@ -86,6 +93,10 @@ def cluster_tokens(
     Half-precision metrics are clustered in float32.
     """
     _validate(metric, r, method, linkage, protected, k=k, iters=iters)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and method != "atc":
+        raise ValueError(f"backend='triton' applies to method='atc' only, not to {method!r}")
     b, n, _ = metric.shape
     r = min(int(r), max_reduction(method, n, protected))
     if method == "tome_sd":
@@ -96,13 +107,17 @@ def cluster_tokens(
         return MergePlan.identity(b, n, metric.device)
     if method == "tome":
         return bipartite_plan(metric, r, protected)
+    if method == "atc":
+        linkage = linkage or "average"
+        backend = resolve_backend(backend, metric.device, n - protected)
+        if torch.compiler.is_compiling():  # an opaque op with a fake impl: fullgraph-safe
+            labels = atc_labels(metric.detach(), r, linkage, protected, backend)
+        else:
+            labels = atc_labels_impl(metric, r, linkage, protected, backend)
+        return MergePlan(labels, n - r, validate=False)  # valid by construction
     with torch.no_grad():
         free = metric[:, protected:]
-        if method == "atc":
-            labels = agglomerative_labels_ws(
-                negative_cosine_workspace(free), r, linkage or "average"
-            )
-        elif method == "kmedoids":
+        if method == "kmedoids":
             labels = kmedoids_labels(cosine_distance(free), n - protected - r, iters)
         else:
             labels = dpcknn_labels(cosine_distance(free), n - protected - r, k)

@@ -34,7 +34,8 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
         )
     x = metric.to(working_dtype(metric))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    if not bool(torch.isfinite(norm).all()):
+    # (Under torch.compile the sanitising pass always runs: no host check inside a graph.)
+    if torch.compiler.is_compiling() or not bool(torch.isfinite(norm).all()):
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return torch.div(x, norm.clamp_min_(torch.finfo(x.dtype).tiny), out=out)

@@ -28,8 +28,9 @@ class MergePlan:
                 of every token, in ``[0, num_out)`` with every slot used.
             num_out: the number of output slots, ``0 <= num_out <= N`` (``0`` only if ``N == 0``).
             validate: check the label *values* (range and every slot used). ``None`` (default):
-                for CPU labels only, so no host synchronisation is added on a GPU; ``True``: on
-                any device (one synchronisation); ``False``: never (labels known to be valid).
+                for CPU labels only, so no host synchronisation is added on a GPU, and not
+                while ``torch.compile`` traces; ``True``: on any device (one synchronisation);
+                ``False``: never (labels known to be valid).
                 Shape, dtype and ``num_out`` are always checked (no synchronisation).
 
         Raises:
@@ -53,7 +54,9 @@ class MergePlan:
         self.labels = labels if labels.dtype == torch.long else labels.long()
         self.num_out = int(num_out)
         self._identity = False  # set only by MergePlan.identity()
-        if validate or (validate is None and labels.device.type == "cpu"):
+        # Not while torch.compile traces (None): the check is data-dependent control flow.
+        default = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if validate or (validate is None and default):
             self._check_labels()
 
     def _check_labels(self) -> None:
@@ -158,7 +161,8 @@ class MergePlan:
             )
         if size.dtype == torch.bool or size.is_complex():
             raise ValueError(f"size must be a real (B, N, 1) tensor, got dtype {size.dtype}")
-        if size.device.type == "cpu" and size.numel() and not bool((size > 0).all()):
+        checked = size.device.type == "cpu" and not torch.compiler.is_compiling()  # as labels
+        if checked and size.numel() and not bool((size > 0).all()):
             raise ValueError("size must be positive (tokens behind each token); got a value <= 0")
         return size if size.dtype == torch.float64 else size.float()
 

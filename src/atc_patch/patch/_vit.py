@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._validate import CROSS_FAMILY_HINTS, as_bool, check_options
-from ..kernel import LINKAGES, cluster_tokens
+from ..kernel import BACKENDS, LINKAGES, cluster_tokens
 from ..kernel.plan import MergePlan
 from ..schedule import Schedule, Step, make_schedule, simulate, step_r
 
@@ -42,6 +42,7 @@ VIT_OPTIONS = (
     "linkage",
     "prop_attn",
     "trace_source",
+    "backend",
 )
 
 _CONFIG_ATTR = "_atc_vit"
@@ -59,6 +60,7 @@ class ViTReduction:
         prop_attn: add ``log(size)`` to the attention logits (proportional attention).
         trace_source: keep the map from output tokens to input tokens of the last forward.
         protected: leading tokens that never merge (class, distillation, register tokens).
+        backend: ATC kernel backend, one of :data:`~atc_patch.kernel.BACKENDS`.
     """
 
     method: str
@@ -67,6 +69,7 @@ class ViTReduction:
     prop_attn: bool
     trace_source: bool
     protected: int
+    backend: str = "auto"
 
     def block_steps(self, num_blocks: int, num_tokens: int) -> list[Step]:
         """What each of ``num_blocks`` blocks is asked when ``num_tokens`` tokens enter block 0.
@@ -139,6 +142,11 @@ def make_reduction(
         linkage = "average"
     prop_attn = as_bool("prop_attn", options.get("prop_attn", True))
     trace_source = as_bool("trace_source", options.get("trace_source", False))
+    backend = options.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and method != "atc":
+        raise ValueError(f"backend='triton' applies to method='atc' only, not to {method!r}")
     schedule = make_schedule(
         r=options.get("r"),
         r_schedule=options.get("r_schedule", "constant"),
@@ -154,6 +162,7 @@ def make_reduction(
         prop_attn=prop_attn,
         trace_source=trace_source,
         protected=protected,
+        backend=backend,
     )
 
 
@@ -167,6 +176,7 @@ def settings_of(config: ViTReduction, options: dict[str, Any] | None = None) -> 
         "prop_attn": config.prop_attn,
         "trace_source": config.trace_source,
         "protected": config.protected,
+        "backend": config.backend,
     }
 
 
@@ -191,11 +201,16 @@ def clear_config(module: torch.nn.Module) -> None:
 # --- the reduction step -----------------------------------------------------------------------
 
 
-@torch._dynamo.disable
 def _plan(metric: Tensor, r: int, config: ViTReduction) -> MergePlan:
-    # Clustering is data-dependent control flow: keep it out of torch.compile graphs.
+    # ATC runs as a custom op under torch.compile (its output shape is fixed), so a patched
+    # model compiles with fullgraph=True.
     return cluster_tokens(
-        metric, r, method=config.method, linkage=config.linkage, protected=config.protected
+        metric,
+        r,
+        method=config.method,
+        linkage=config.linkage,
+        protected=config.protected,
+        backend=config.backend,
     )
 
 
@@ -368,7 +383,6 @@ def enable_trace(*modules: torch.nn.Module) -> None:
         object.__setattr__(module, _TRACE_ATTR, slot)
 
 
-@torch._dynamo.disable
 def store_source(module: torch.nn.Module, tokens: Tokens, num_tokens: int) -> None:
     """Record the source map of a finished forward in the calling thread's slot.
 

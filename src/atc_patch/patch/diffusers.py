@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import CROSS_FAMILY_HINTS, as_bool, as_float, as_int, check_options
-from ..kernel import LINKAGES, cluster_tokens, max_reduction
+from ..kernel import BACKENDS, LINKAGES, cluster_tokens, max_reduction
 from ..kernel.plan import MergePlan
 from ._common import (
     PatchInfo,
@@ -69,7 +69,7 @@ METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
 COMMON_OPTIONS = ("ratio", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")
 TOME_SD_OPTIONS = ("sx", "sy", "use_rand", "seed", "generator")
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "atc": (*COMMON_OPTIONS, "linkage"),
+    "atc": (*COMMON_OPTIONS, "linkage", "backend"),
     "tome_sd": (*COMMON_OPTIONS, *TOME_SD_OPTIONS),
     "tome": COMMON_OPTIONS,
     "kmedoids": COMMON_OPTIONS,
@@ -101,6 +101,7 @@ class Settings:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,9 @@ class UNetCall:
         self._timestep = timestep
         self._generator: torch.Generator | None = None
         self._user_copy: torch.Generator | None = None
+        # Under torch.compile, where no generator exists: the (high, rows, cols) draws of the
+        # blocks so far (see _tome_sd_call_labels).
+        self.draws: list[int] = []
         self.token: contextvars.Token | None = None
 
     def generator(self, cfg: _BlockConfig) -> torch.Generator:
@@ -138,11 +142,8 @@ class UNetCall:
         if cfg.generator is not None:
             return self._user_copy if self._user_copy is not None else cfg.generator
         if self._generator is None:
-            t = self._timestep
-            t = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t or 0.0)
             seed = cfg.settings.seed if cfg.settings.seed is not None else 0
-            call_seed = (seed * 1_000_003 + int(round(t * 1000))) % (2**63)
-            self._generator = torch.Generator().manual_seed(call_seed)
+            self._generator = _call_generator(seed, self._timestep)
         return self._generator
 
     def snapshot(self, cfg: _BlockConfig) -> CallSnapshot:
@@ -153,7 +154,7 @@ class UNetCall:
             g = self._user_copy if self._user_copy is not None else cfg.generator
             user = (g.device, g.get_state())
         own = None if self._generator is None else self._generator.get_state()
-        return CallSnapshot(self.latent_hw, self._timestep, own, user)
+        return CallSnapshot(self.latent_hw, self._timestep, own, user, tuple(self.draws))
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class CallSnapshot:
     timestep: Any
     generator_state: Tensor | None  # the call's own generator, if it was made yet
     user_generator: tuple[torch.device, Tensor] | None = None  # (device, state) of the user's
+    draws: tuple[int, ...] = ()  # UNetCall.draws (under torch.compile)
 
     def restore(self) -> UNetCall:
         """A fresh :class:`UNetCall` in this state (each restore draws the same numbers)."""
@@ -173,10 +175,54 @@ class CallSnapshot:
         if self.user_generator is not None:
             device, state = self.user_generator
             call._user_copy = torch.Generator(device=device).set_state(state)
+        call.draws = list(self.draws)
         return call
 
 
 _UNetCall = UNetCall  # former name
+
+
+def _call_generator(seed: int, timestep: Any) -> torch.Generator:
+    """The CPU generator of a UNet call at ``timestep`` (a number or a tensor) for ``seed``."""
+    t = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep or 0.0)
+    return torch.Generator().manual_seed((seed * 1_000_003 + int(round(t * 1000))) % (2**63))
+
+
+@torch.library.custom_op("atc_patch::tome_sd_call_labels", mutates_args=())
+def _tome_sd_call_labels(
+    x: Tensor, timestep: Tensor, seed: int, before: list[int], grid: list[int], r: int
+) -> Tensor:
+    """ToMe-SD labels ``(B, N)`` of one block under ``torch.compile``, which cannot hold a
+    ``torch.Generator``: the call's generator is re-made from ``(seed, timestep)`` and advanced
+    past the draws of the blocks before (``before``: ``(high, rows, cols)`` triples), so the
+    destinations equal eager mode's. ``grid`` is ``(h, w, sx, sy)``."""
+    gen = _call_generator(seed, timestep)
+    for high, rows, cols in zip(before[0::3], before[1::3], before[2::3], strict=True):
+        torch.randint(high, (rows, cols, 1), generator=gen)
+    h, w, sx, sy = grid
+    plan = cluster_tokens(x, r, "tome_sd", h=h, w=w, sx=sx, sy=sy, generator=gen)
+    return plan.labels.clone()
+
+
+@_tome_sd_call_labels.register_fake
+def _(x: Tensor, timestep: Tensor, seed: int, before: list[int], grid: list[int], r: int):
+    return x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+def _compiled_tome_sd_plan(
+    call: UNetCall, x: Tensor, r: int, s: Settings, h: int, w: int
+) -> MergePlan:
+    """The randomised ToMe-SD plan inside ``torch.compile`` (see :func:`_tome_sd_call_labels`)."""
+    hsy, wsx = h // s.sy, w // s.sx
+    sources = x.shape[1] - hsy * wsx
+    if r <= 0 or hsy == 0 or wsx == 0 or sources == 0:
+        return MergePlan.identity(x.shape[0], x.shape[1], x.device)
+    t = call._timestep
+    t = t if isinstance(t, Tensor) else torch.tensor(float(t or 0.0))
+    seed = s.seed if s.seed is not None else 0
+    labels = _tome_sd_call_labels(x.detach(), t, seed, list(call.draws), [h, w, s.sx, s.sy], r)
+    call.draws.extend((s.sx * s.sy, hsy, wsx))
+    return MergePlan(labels, x.shape[1] - min(r, sources))
 
 
 @dataclass(frozen=True)
@@ -187,12 +233,33 @@ class _ActiveMerge:
     targets: tuple[nn.Module, ...]
 
 
-_UNET_CALL: contextvars.ContextVar[UNetCall | None] = contextvars.ContextVar(
-    "atc_patch_unet_call", default=None
-)
-_ACTIVE: contextvars.ContextVar[_ActiveMerge | None] = contextvars.ContextVar(
-    "atc_patch_active_merge", default=None
-)
+class _CallVar:
+    """A context variable (``get`` / ``set`` -> token / ``reset(token)``) that also works
+    inside ``torch.compile``, which cannot set context variables: while compiling, the value
+    lives in a plain attribute that dynamo traces as a side effect of the compiled call."""
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+        self._traced: Any = None
+
+    def get(self) -> Any:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: Any) -> Any:
+        if torch.compiler.is_compiling():
+            token, self._traced = (self._traced,), value
+            return token
+        return self._var.set(value)
+
+    def reset(self, token: Any) -> None:
+        if isinstance(token, tuple):
+            self._traced = token[0]
+        else:
+            self._var.reset(token)
+
+
+_UNET_CALL = _CallVar("atc_patch_unet_call")  # holds a UNetCall or None
+_ACTIVE = _CallVar("atc_patch_active_merge")  # holds an _ActiveMerge or None
 
 
 def _unet_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -381,6 +448,9 @@ def _block_plan(cfg: _BlockConfig, x: Tensor) -> MergePlan | None:
     if options is None:
         return None
     _warn_if_capped(cfg, r, n, options)
+    call = _UNET_CALL.get()
+    if cfg.method == "tome_sd" and not options["no_rand"] and _draws_compiled(cfg, call):
+        return _compiled_tome_sd_plan(call, x, r, cfg.settings, options["h"], options["w"])
     return cluster_tokens(x, r, cfg.method, **options)
 
 
@@ -408,7 +478,7 @@ def _method_options(cfg: _BlockConfig, b: int, n: int) -> dict[str, Any] | None:
     ``None`` when the method can merge nothing there."""
     s = cfg.settings
     if cfg.method == "atc":
-        return {"linkage": s.linkage}
+        return {"linkage": s.linkage, "backend": s.backend}
     if cfg.method != "tome_sd":
         return {}
     call = _UNET_CALL.get()
@@ -426,8 +496,17 @@ def _method_options(cfg: _BlockConfig, b: int, n: int) -> dict[str, Any] | None:
     use_rand = s.use_rand and b % 2 == 0
     gen = None
     if use_rand:
-        gen = call.generator(cfg) if call is not None else cfg.generator
+        if call is None:
+            gen = cfg.generator
+        elif not _draws_compiled(cfg, call):  # else _compiled_tome_sd_plan draws
+            gen = call.generator(cfg)
     return dict(h=h, w=w, sx=s.sx, sy=s.sy, no_rand=not use_rand, generator=gen)
+
+
+def _draws_compiled(cfg: _BlockConfig, call: UNetCall | None) -> bool:
+    """Whether a randomised ``tome_sd`` block draws through the custom op: while compiling
+    (no ``torch.Generator`` in a graph), from the call's own generator (no user generator)."""
+    return call is not None and cfg.generator is None and torch.compiler.is_compiling()
 
 
 def _block_grid(call: UNetCall | None, downsample: int, n: int) -> tuple[int, int]:
@@ -519,6 +598,8 @@ def apply(model: Any, method: str = "atc", **options: Any) -> PatchInfo:
               sublayers run on merged tokens.
             * ``linkage`` (``"atc"`` only, ``"average"``): ``"single"``, ``"complete"`` or
               ``"average"``.
+            * ``backend`` (``"atc"`` only, ``"auto"``): the ATC kernel, one of
+              :data:`~atc_patch.kernel.BACKENDS` (see :func:`~atc_patch.cluster_tokens`).
             * ``sx``, ``sy``, ``use_rand`` (``"tome_sd"`` only, ``2, 2, True``), as in tomesd:
               one destination per ``sy x sx`` window (at least 2 tokens), drawn at random
               (``use_rand``, turned off for odd batches) or top-left.
@@ -615,6 +696,7 @@ def _hints(method: str) -> dict[str, str]:
         hints.update({k: f"{k} applies to method='tome_sd' only" for k in TOME_SD_OPTIONS})
     if method != "atc":
         hints["linkage"] = "linkage applies to method='atc' only"
+        hints["backend"] = "backend applies to method='atc' only"
     return hints
 
 
@@ -640,6 +722,10 @@ def _validated_settings(
         if linkage not in LINKAGES:
             raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
         values["linkage"] = linkage
+        backend = given.get("backend", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        values["backend"] = backend
     if "max_downsample" in given:
         values["max_downsample"] = as_int("max_downsample", given["max_downsample"], minimum=1)
     for name in ("sx", "sy"):

@@ -1,0 +1,424 @@
+"""The GPU check of the fused ATC kernel: one command, within 6 minutes on one H200.
+
+    python benchmarks/gpu_check.py OUT_DIR            # on a CUDA machine
+    python benchmarks/gpu_check.py OUT_DIR --smoke    # tiny sizes; on the CPU the fused path
+                                                      # runs under Triton's interpreter
+
+Writes ``OUT_DIR/gpu_check.csv`` (every measurement) and ``OUT_DIR/gpu_check.md`` (the tables).
+Times are medians of many runs after warm-up, with the spread (25th-75th percentile), taken
+with CUDA events on a GPU (``time.perf_counter`` on the CPU). Sections:
+
+1. exactness: the fused path (``backend="triton"``) against scipy ``linkage`` + ``cut_tree``
+   on ~60 random float64 cases (every linkage, protected 0-2, r from 0 to the maximum), and the
+   float32 agreement rate;
+2. one ``cluster_tokens`` call at B in {1, 64, 256}, N in {197, 577, 1025, 4096}, each
+   linkage: fused, torch, ToMe's plan, and the reference per-sample scikit-learn loop from
+   CUDA tensors where its estimate fits the time left; kernel launches and host syncs per
+   call (profiler);
+3. DeiT-S / DeiT-B (random init, bf16, batch 256): images/s unpatched, ToMe, ATC (each
+   linkage) at keep 0.7 @ 3,6,9, eager and ``torch.compile(mode="reduce-overhead")`` (as the
+   time budget allows), and ATC's clustering time as a share of the patched forward;
+4. an SD-1.5-layout UNet (random init, fp16, 64x64 latents, batch 2 and 8): step time
+   unpatched, tome_sd, ATC average (auto and forced Triton) and single at ratio 0.5.
+
+Each section has a time budget; what does not fit is written as ``skipped (time)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import atc_patch  # noqa: E402
+
+LINKAGES = ("single", "complete", "average")
+SYNC_EVENTS = ("aten::_local_scalar_dense", "aten::item")
+
+
+class Clock:
+    """Median / spread of many calls: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
+        """Milliseconds of ``runs`` calls of ``fn`` after ``warmup`` calls."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if not self.cuda:
+            out = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t) * 1e3)
+            return out
+        events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(runs)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+
+    def adaptive(self, fn: Callable[[], object], budget_s: float, lo: int = 3, hi: int = 50):
+        """Time ``fn`` with as many runs as fit ``budget_s`` (between ``lo`` and ``hi``)."""
+        first = self.run(fn, 1, 1)[0]
+        runs = int(min(hi, max(lo, budget_s * 1e3 / max(first, 1e-3))))
+        return self.run(fn, runs, 1)
+
+
+def stats(ms: list[float]) -> dict:
+    q = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": round(q[1], 4), "q25_ms": round(q[0], 4), "q75_ms": round(q[2], 4)}
+
+
+def counts(fn: Callable[[], object], device: torch.device) -> dict:
+    """Kernel launches (GPU kernels; top-level aten ops on the CPU) and host syncs of a call."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    fn()
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = list(prof.events())
+    syncs = sum(e.name in SYNC_EVENTS for e in events)
+    if device.type == "cuda":
+        cuda = torch.autograd.DeviceType.CUDA
+        launches = sum(
+            e.device_type == cuda and not e.name.startswith(("Memcpy", "Memset")) for e in events
+        )
+    else:
+        launches = sum(e.cpu_parent is None and e.name.startswith("aten::") for e in events)
+    return {"launches": launches, "syncs": syncs}
+
+
+def same_partition(a, b) -> bool:
+    a, b = np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist()
+    pairs = set(zip(a, b, strict=True))
+    return len(a) == len(b) and len(pairs) == len(set(a)) == len(set(b))
+
+
+def scipy_cut(x: torch.Tensor, method: str, k: int) -> np.ndarray:
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import squareform
+
+    x = x.double().cpu().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = np.clip(1.0 - x @ x.T, 0.0, 2.0)
+    np.fill_diagonal(d, 0.0)
+    return cut_tree(linkage(squareform(d, checks=False), method=method), n_clusters=k)[:, 0]
+
+
+def sklearn_loop(metric: torch.Tensor, k: int, linkage: str) -> list:
+    """The reference code's clustering: per sample, to the CPU, scikit-learn."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    out = []
+    for sample in metric:
+        x = sample.detach().float().cpu().numpy()
+        out.append(AgglomerativeClustering(k, metric="cosine", linkage=linkage).fit(x).labels_)
+    return out
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def exactness(device: torch.device, smoke: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for dtype, cases in ((torch.float64, 6 if smoke else 60), (torch.float32, 3 if smoke else 30)):
+        agree = total = 0
+        for c in range(cases):
+            name = LINKAGES[c % 3]
+            b = 1 + c % 3
+            n = int(torch.randint(2, 24 if smoke else 300, (1,), generator=gen))
+            p = min(c % 3, n - 2)
+            m = n - p
+            r = [0, m - 1][c % 2] if c % 5 == 0 else int(torch.randint(0, m, (1,), generator=gen))
+            metric = torch.randn(b, n, 32, generator=gen, dtype=dtype)
+            plan = atc_patch.cluster_tokens(
+                metric.to(device), r, linkage=name, protected=p, backend="triton"
+            )
+            labels = plan.labels.cpu()
+            ok = torch.equal(labels[:, :p], torch.arange(p).expand(b, p))
+            for i in range(b):
+                ok = ok and same_partition(labels[i, p:], scipy_cut(metric[i, p:], name, m - r))
+            agree += ok
+            total += 1
+        what = "exact (float64)" if dtype == torch.float64 else "agreement (float32)"
+        rows.append({"section": "exactness", "name": what, "agree": agree, "cases": total})
+    return rows
+
+
+def kernel_calls(device: torch.device, smoke: bool, clock: Clock, deadline: float) -> list[dict]:
+    batches = (1, 2) if smoke else (1, 64, 256)
+    sizes = (9, 20) if smoke else (197, 577, 1025, 4096)
+    rows = []
+    for n in sizes:
+        p = 0 if n == 4096 else 1
+        r = (n - p) - int(0.7 * (n - p))
+        for b in batches:
+            metric = torch.randn(b, n, 64, device=device, dtype=torch.float32)
+            for name in LINKAGES:
+                fns = {
+                    fw: functools.partial(
+                        atc_patch.cluster_tokens, metric, r, linkage=name, protected=p, backend=fw
+                    )
+                    for fw in ("triton", "torch")
+                }
+                if name == "average":  # ToMe's plan does not depend on the linkage
+                    fns["tome"] = functools.partial(
+                        atc_patch.cluster_tokens, metric, r, "tome", protected=p
+                    )
+                for fw, fn in fns.items():
+                    row = {"section": "kernel", "name": fw, "B": b, "N": n, "r": r, "linkage": name}
+                    if time.monotonic() > deadline:
+                        rows.append({**row, "note": "skipped (time)"})
+                        continue
+                    first = clock.run(fn, 1, 1)
+                    if first[0] * 8e-3 > deadline - time.monotonic():  # one slow call: keep it
+                        rows.append({**row, **stats(first), "note": "1 run (time)"})
+                        continue
+                    row.update(stats(clock.adaptive(fn, 0.05 if smoke else 0.4)))
+                    row.update(counts(fn, device))
+                    rows.append(row)
+                # sklearn: estimate from one sample, run the whole loop only if it fits.
+                row = {"section": "kernel", "name": "sklearn", "B": b, "N": n, "r": r}
+                row["linkage"] = name
+                t = time.perf_counter()
+                sklearn_loop(metric[:1, p:], n - p - r, name)
+                estimate = (time.perf_counter() - t) * b
+                if estimate < min(3.0, deadline - time.monotonic() - 1):
+                    loop = functools.partial(sklearn_loop, metric[:, p:], n - p - r, name)
+                    row.update(stats(clock.run(loop, 2, 0)))
+                else:
+                    row.update({"note": f"skipped (estimated {estimate:.1f} s per call)"})
+                rows.append(row)
+            del metric
+    return rows
+
+
+def deit(device: torch.device, smoke: bool, clock: Clock, deadline: float) -> list[dict]:
+    import timm
+
+    models = (
+        ("vit_tiny_patch16_224",) if smoke else ("deit_small_patch16_224", "deit_base_patch16_224")
+    )
+    batch, img = (2, 64) if smoke else (256, 224)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    configs = [("unpatched", None, {})] + [("tome", "tome", {})]
+    configs += [(f"atc_{k}", "atc", {"linkage": k}) for k in LINKAGES]
+    schedule = {"keep_rate": 0.7, "reduction_loc": (0, 1) if smoke else (3, 6, 9)}
+    rows = []
+    for model_name in models:
+        kw = {"img_size": img, "depth": 2} if smoke else {}
+        base = timm.create_model(model_name, pretrained=False, **kw).eval().to(device, dtype)
+        x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
+        eager = {}
+        for label, method, extra in configs:
+            model = base
+            if method is not None:
+                model = atc_patch.apply_patch(_copy(base), method=method, **schedule, **extra)
+            eager[label] = model
+        for mode in ("eager", "reduce-overhead"):
+            for label, model in eager.items():
+                row = {
+                    "section": "deit",
+                    "name": label,
+                    "model": model_name,
+                    "mode": mode,
+                    "B": batch,
+                }
+                if time.monotonic() > deadline:
+                    rows.append({**row, "note": "skipped (time)"})
+                    continue
+                fn = model
+                if mode != "eager":
+                    torch._dynamo.reset()
+                    backend = "aot_eager" if device.type == "cpu" else "inductor"
+                    cmode = None if device.type == "cpu" else mode
+                    fn = torch.compile(model, backend=backend, mode=cmode, fullgraph=True)
+                try:
+                    with torch.inference_mode():
+                        ms = clock.run(
+                            functools.partial(fn, x), 2 if smoke else 10, 1 if smoke else 3
+                        )
+                except Exception as err:  # noqa: BLE001 - report, go on
+                    rows.append({**row, "note": f"failed: {type(err).__name__}: {err}"[:200]})
+                    continue
+                row.update(stats(ms))
+                row["images_per_s"] = round(batch / (row["median_ms"] / 1e3), 1)
+                if method_share := _cluster_share(model, x, device, clock, smoke):
+                    row["cluster_ms"] = method_share
+                    row["cluster_share"] = round(method_share / row["median_ms"], 4)
+                rows.append(row)
+        ref = {
+            (r["mode"]): r.get("images_per_s")
+            for r in rows
+            if r.get("model") == model_name and r["name"] == "tome"
+        }
+        for r in rows:
+            if r.get("model") == model_name and r.get("images_per_s") and ref.get(r["mode"]):
+                r["vs_tome"] = round(r["images_per_s"] / ref[r["mode"]], 3)
+        del base, eager
+    return rows
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _cluster_share(model, x, device, clock: Clock, smoke: bool) -> float | None:
+    """Milliseconds of the clustering calls an ATC-patched ``model`` makes per forward."""
+    from atc_patch.patch import _vit
+
+    try:
+        config = _vit.get_config(model)
+    except (KeyError, TypeError):
+        return None
+    if config.method != "atc":
+        return None
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    head_dim = model.blocks[0].attn.head_dim
+    total = 0.0
+    for r in config.block_r(len(model.blocks), n):
+        if r <= 0:
+            continue
+        metric = torch.randn(x.shape[0], n, head_dim, device=device, dtype=x.dtype)
+
+        def call(metric=metric, r=r):
+            return atc_patch.cluster_tokens(
+                metric, r, linkage=config.linkage, protected=config.protected
+            )
+
+        total += statistics.median(clock.run(call, 2 if smoke else 10, 1 if smoke else 2))
+        n -= min(r, n - config.protected - 1)
+    return round(total, 4)
+
+
+def unet(device: torch.device, smoke: bool, clock: Clock, deadline: float) -> list[dict]:
+    from atc_patch.sd_models import build_unet, unet_inputs
+
+    kind, side = ("tiny-sd", 8) if smoke else ("sd15", 64)
+    dtype = torch.float32 if smoke else torch.float16
+    model = build_unet(kind, dtype=dtype).to(device)
+    configs = [
+        ("unpatched", None, {}),
+        ("tome_sd", "tome_sd", {"seed": 0}),
+        ("atc_average", "atc", {"linkage": "average"}),
+        ("atc_average_triton", "atc", {"linkage": "average", "backend": "triton"}),
+        ("atc_single", "atc", {"linkage": "single"}),
+    ]
+    rows = []
+    for batch in (2,) if smoke else (2, 8):
+        inputs = unet_inputs(model, batch=batch, height=side, width=side)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        for label, method, extra in configs:
+            row = {"section": "unet", "name": label, "model": kind, "B": batch, "latent": side}
+            if time.monotonic() > deadline:
+                rows.append({**row, "note": "skipped (time)"})
+                continue
+            if method is not None:
+                atc_patch.apply_patch(model, method=method, ratio=0.5, **extra)
+            try:
+                with torch.inference_mode():
+                    ms = clock.run(
+                        functools.partial(model, **inputs), 2 if smoke else 8, 1 if smoke else 2
+                    )
+                row.update(stats(ms))
+            except Exception as err:  # noqa: BLE001 - report, go on
+                row["note"] = f"failed: {type(err).__name__}: {err}"[:200]
+            if method is not None:
+                atc_patch.remove_patch(model)
+            rows.append(row)
+        ref = {r["B"]: r.get("median_ms") for r in rows if r["name"] == "tome_sd"}
+        for r in rows:
+            if r.get("median_ms") and ref.get(r["B"]):
+                r["vs_tome_sd"] = round(r["median_ms"] / ref[r["B"]], 3)
+    return rows
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def write(rows: list[dict], out: Path, header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(out / "gpu_check.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [header, ""]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        part = [r for r in rows if r["section"] == section]
+        cols = [k for k in keys if k != "section" and any(k in r for r in part)]
+        lines += [f"## {section}", "", "| " + " | ".join(cols) + " |"]
+        lines.append("|" + "---|" * len(cols))
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in part]
+        lines.append("")
+    (out / "gpu_check.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("out_dir", help="folder for gpu_check.csv and gpu_check.md")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (runs on the CPU)")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole check")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        ap.error("no CUDA device: the full check needs a GPU (use --smoke on the CPU)")
+    torch.manual_seed(0)
+    clock = Clock(device)
+    start = time.monotonic()
+    # Budget shares (the rest carries over): exactness, kernel calls, DeiT, UNet.
+    shares = (0.08, 0.37, 0.35, 0.20)
+    sections = (
+        lambda _: exactness(device, args.smoke),
+        lambda d: kernel_calls(device, args.smoke, clock, d),
+        lambda d: deit(device, args.smoke, clock, d),
+        lambda d: unet(device, args.smoke, clock, d),
+    )
+    rows: list[dict] = []
+    elapsed_share = 0.0
+    for share, section in tqdm(list(zip(shares, sections, strict=True)), desc="gpu_check"):
+        elapsed_share += share
+        rows += section(start + elapsed_share * args.budget)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke, interpreter)"
+    header = (
+        f"# gpu_check on {name}: torch {torch.__version__}, {time.monotonic() - start:.0f} s"
+        "\n\nmedian (q25-q75) of many runs after warm-up; launches/syncs from the profiler"
+    )
+    write(rows, Path(args.out_dir), header)
+    print((Path(args.out_dir) / "gpu_check.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
