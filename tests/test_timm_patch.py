@@ -353,14 +353,14 @@ def test_gradient_checkpointing_matches():
 def test_ddp_two_processes_identical_params(tmp_path):
     from _ddp_worker import run
 
-    # fork: the children reuse the imported torch/timm (each worker uses one intra-op thread,
-    # as DataLoader workers do), which keeps this test to a few seconds.
+    # spawn, not fork: a forked child cannot run autograd once the parent's autograd engine has
+    # started its worker threads (which other tests in the same pytest process do).
     torch.multiprocessing.start_processes(
         run,
         args=(2, str(tmp_path / "init"), str(tmp_path), "timm"),
         nprocs=2,
         join=True,
-        start_method="fork",
+        start_method="spawn",
     )
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert p0.keys() == p1.keys()

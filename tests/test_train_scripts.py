@@ -399,7 +399,7 @@ def test_ddp_two_ranks_leave_equal_parameters(data, tmp_path):
         args=(str(tmp_path / "init"), str(data), str(tmp_path)),
         nprocs=2,
         join=True,
-        start_method="fork",
+        start_method="spawn",
     )
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
