@@ -23,13 +23,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "diffusers.md"
 _UNET = build_unet("tiny-sd")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny UNets gain nothing from intra-op threads; on a shared CPU they lose 10x to them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models gain nothing from intra-op threads; on a shared CPU they lose 10x to them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,8 @@ METHODS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU they lose to them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models gain nothing from intra-op threads; on a shared CPU they lose 10x to them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _CACHE: dict[str, torch.nn.Module] = {}

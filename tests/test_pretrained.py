@@ -28,13 +28,8 @@ REF_DATASET = {"im1k": "imagenet", "nab": "nabirds", "coco": "coco", "nus": "nus
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batch-1 DeiT forwards gain little from intra-op threads; on a shared CPU they lose 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models gain nothing from intra-op threads; on a shared CPU they lose 10x to them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- synthetic reference checkpoints ---------------------------------------------------------
