@@ -4,11 +4,10 @@ fake implementation), outputs equal to eager mode, on the CPU."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import atc_patch
-
-timm = pytest.importorskip("timm")
 
 
 def _vit() -> torch.nn.Module:
@@ -58,7 +57,6 @@ def test_cluster_tokens_compiles_to_the_custom_op() -> None:
 
 @pytest.mark.parametrize("method", ["atc", "tome_sd"])
 def test_compiled_unet_matches_eager(method: str) -> None:
-    pytest.importorskip("diffusers")
     from atc_patch.sd_models import build_unet, unet_inputs
 
     torch._dynamo.reset()

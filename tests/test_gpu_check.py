@@ -15,8 +15,6 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("diffusers")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path), "--smoke"]

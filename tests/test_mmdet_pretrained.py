@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mmcv.ops  # noqa: F401
+import mmdet  # noqa: F401
 import pytest
 import torch
-
-pytest.importorskip("mmdet")
-pytest.importorskip("mmcv.ops")
-
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402

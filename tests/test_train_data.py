@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm  # noqa: F401
 import torch
 from PIL import Image
 
-pytest.importorskip("timm")
 from atc_patch.train import (  # noqa: E402
     CHECKPOINT_KEYS,
     LayoutError,
@@ -85,7 +85,6 @@ def _coco(root: Path, split: str) -> None:
 
 
 def test_coco_layout(tmp_path):
-    pytest.importorskip("pycocotools")
     _coco(tmp_path, "val")
     ds, n = build_dataset("coco", tmp_path, "val")
     assert n == 3 and len(ds) == 2
@@ -167,7 +166,6 @@ def test_checkpoint_layout_and_weights_only_load(tmp_path):
 
 
 def test_finetune_drops_head_and_resamples_pos_embed():
-    import timm
     from timm.layers import resample_abs_pos_embed
 
     src = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=1000)

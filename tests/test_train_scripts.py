@@ -14,9 +14,9 @@ import types
 from pathlib import Path
 
 import pytest
+import timm  # noqa: F401
 import torch
 
-pytest.importorskip("timm")
 from atc_patch.train import CHECKPOINT_KEYS, load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,6 @@ def test_readme_deit_command(data, tmp_path, monkeypatch):
 
 
 def test_readme_mae_command(data, tmp_path):
-    import timm
 
     # An MAE-pretrain-style checkpoint ({'model': encoder weights, 224 px, no head}), stored
     # as expanded zeros so the file stays small.
@@ -423,7 +422,6 @@ def test_bad_input_messages(data, tmp_path, monkeypatch):
 
 
 def test_deit_hard_distillation(data, tmp_path):
-    import timm
     import torch.nn.functional as F
 
     from atc_patch.train.engine import DistillationLoss
@@ -475,7 +473,6 @@ def test_deit_hard_distillation(data, tmp_path):
 def test_registry_model_checkpoint_loads_with_load_pretrained(data, tmp_path, monkeypatch):
     """--model atc_tiny_patch16_224 is built by the timm registry, as timm's scripts would; the
     run's checkpoint loads with atc_patch.load_pretrained into the same model (same logits)."""
-    import timm
 
     import atc_patch
 
