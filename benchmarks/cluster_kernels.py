@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atc_patch._cli import non_negative_int, positive_int
 from atc_patch.kernel.atc import agglomerative_labels_ws
 from atc_patch.kernel.distance import negative_cosine_workspace
 from atc_patch.kernel.scratch import release_workspace
@@ -191,20 +192,6 @@ def time_calls(
     return times
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--framework", default="all", choices=[*FRAMEWORKS, "all"])
@@ -214,24 +201,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--emb_size", type=int, default=64)
     ap.add_argument(
         "--batch_sizes",
-        type=_non_negative_int,
+        type=non_negative_int,
         nargs="*",
         default=[0, 6],
         help="log2 of the batch sizes, as in the reference script: 0 -> 1, 6 -> 64",
     )
     ap.add_argument("--reduction_ratio", type=float, default=0.7, help="fraction of tokens kept")
     ap.add_argument("--linkage", nargs="*", default=["average", "complete", "single"])
-    ap.add_argument("--runs", type=_positive_int, default=5)
-    ap.add_argument("--throw_out", type=_non_negative_int, default=1)
+    ap.add_argument("--runs", type=positive_int, default=5)
+    ap.add_argument("--throw_out", type=non_negative_int, default=1)
     ap.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch intra-op threads (default: torch's)",
     )
     ap.add_argument(
         "--load",
-        type=_non_negative_int,
+        type=non_negative_int,
         nargs="?",
         const=1,
         default=0,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from atc_patch._cli import kernel_threads_policy, positive_int
 from atc_patch.kernel.threads import set_kernel_threads
 
 
@@ -47,23 +48,6 @@ class Variant:
         )
 
 
-def _threads_arg(text: str) -> int:
-    """``--threads``: torch's intra-op threads, an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
-    return value
-
-
-def _kernel_policy(text: str) -> str | int:
-    """``--kernel_threads``: ``auto``, ``torch`` or an int >= 1 (see set_kernel_threads)."""
-    if text in ("auto", "torch"):
-        return text
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"must be auto, torch or an int >= 1, got {text!r}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["t", "s"], default="t", help="ViT-Adapter-T or -S")
@@ -77,13 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument(
         "--threads",
-        type=_threads_arg,
+        type=positive_int,
         default=None,
         help="torch intra-op threads (default: torch's)",
     )
     p.add_argument(
         "--kernel_threads",
-        type=_kernel_policy,
+        type=kernel_threads_policy,
         default="auto",
         help="the clustering kernel's thread policy (atc_patch.kernel.threads): auto, torch or n",
     )

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import atc_patch
+from atc_patch._cli import kernel_threads_policy, positive_int
 from atc_patch.kernel.scratch import release_workspace, workspace_bytes
 from atc_patch.kernel.threads import set_kernel_threads
 from atc_patch.sd_models import KINDS, build_unet, unet_inputs
@@ -152,23 +153,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _threads_arg(text: str) -> int:
-    """``--threads``: torch's intra-op threads, an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
-    return value
-
-
-def _kernel_policy(text: str) -> str | int:
-    """``--kernel_threads``: ``auto``, ``torch`` or an int >= 1 (see set_kernel_threads)."""
-    if text in ("auto", "torch"):
-        return text
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"must be auto, torch or an int >= 1, got {text!r}")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--unet", default="sd15", choices=KINDS, help="UNet layout (random init)")
@@ -182,13 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="interleaved passes over all configs")
     p.add_argument(
         "--threads",
-        type=_threads_arg,
+        type=positive_int,
         default=None,
         help="torch intra-op threads (default: torch's)",
     )
     p.add_argument(
         "--kernel_threads",
-        type=_kernel_policy,
+        type=kernel_threads_policy,
         default="auto",
         help="the clustering kernel's thread policy (atc_patch.kernel.threads): auto, torch or n",
     )

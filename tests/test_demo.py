@@ -198,9 +198,9 @@ def test_low_keep_rates_report_the_tokens_actually_kept(shipped) -> None:
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
-        (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
-        (["--threads", "0"], "--threads: must be >= 1, got 0"),
+        (["--batch_size", "0"], "--batch_size: must be an int >= 1, got 0"),
+        (["--repeats", "0"], "--repeats: must be an int >= 1, got 0"),
+        (["--threads", "0"], "--threads: must be an int >= 1, got 0"),
         (["--keep_rate", "0"], r"--keep_rate: must be in \(0, 1\]"),
         (["--reduction_loc", "1", "4"], "--reduction_loc: reduction_loc 4 is out of range"),
     ],

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._cli import positive_int
 from .patch import apply_patch, patch_settings, remove_patch
 
 # (label, method, linkage) of every method the demo compares, in table order.
@@ -339,17 +340,6 @@ def plot_clusters(
 # --- the command --------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse turns the ValueError into a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _keep_rate(text: str) -> float:
     """argparse type: a keep rate in (0, 1]."""
     try:
@@ -377,15 +367,15 @@ def _parser() -> argparse.ArgumentParser:
         "--keep_rate", type=_keep_rate, nargs="+", default=None, help=f"default {KEEP_RATES}"
     )
     p.add_argument("--reduction_loc", type=int, nargs="+", default=list(REDUCTION_LOC))
-    p.add_argument("--batch_size", type=_positive_int, default=270)
+    p.add_argument("--batch_size", type=positive_int, default=270)
     p.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="timed passes per run (interleaved rounds, median kept)",
     )
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
     )
     p.add_argument("--quick", action="store_true", help="fewer images and keep rates (tests)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
