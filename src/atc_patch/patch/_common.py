@@ -91,3 +91,13 @@ def restore_class(module: nn.Module) -> None:
     if orig is not None:
         module.__class__ = orig
         object.__delattr__(module, _ORIG_CLASS_ATTR)
+
+
+def restore_tree(root: nn.Module, *attrs: str) -> None:
+    """Undo :func:`swap_class` on ``root`` and every submodule, and drop the per-module
+    attributes ``attrs`` that a family stored on them (absent ones are skipped)."""
+    for module in root.modules():
+        restore_class(module)
+        for attr in attrs:
+            if attr in vars(module):
+                object.__delattr__(module, attr)

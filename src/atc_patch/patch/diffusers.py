@@ -58,7 +58,7 @@ from ._common import (
     PatchInfo,
     clear_patch_info,
     get_patch_info,
-    restore_class,
+    restore_tree,
     set_patch_info,
     swap_class,
 )
@@ -669,10 +669,7 @@ def remove(model: Any) -> None:
     """Undo :func:`apply` on the UNet or pipeline: original classes, no hooks, no records."""
     unet = _unet_of(model)
     if unet is not None:
-        for module in unet.modules():
-            restore_class(module)
-            if _CFG_ATTR in vars(module):
-                object.__delattr__(module, _CFG_ATTR)
+        restore_tree(unet, _CFG_ATTR)
         unwrap_checkpointing(unet)
         vars(unet).pop(_CKPT_OWNERS_ATTR, None)
         for handle in vars(unet).pop(_HOOKS_ATTR, ()):

@@ -53,7 +53,7 @@ from ._common import (
     PatchInfo,
     clear_patch_info,
     get_patch_info,
-    restore_class,
+    restore_tree,
     set_patch_info,
     swap_class,
 )
@@ -504,10 +504,7 @@ def remove(model: Any) -> None:
     """Undo :func:`apply` on the transformer or pipeline: original classes, no hooks, no records."""
     transformer = _transformer_of(model)
     if transformer is not None:
-        for module in transformer.modules():
-            restore_class(module)
-            if _CFG_ATTR in vars(module):
-                object.__delattr__(module, _CFG_ATTR)
+        restore_tree(transformer, _CFG_ATTR)
         for handle in vars(transformer).pop(_HOOKS_ATTR, ()):
             handle.remove()
         clear_patch_info(transformer)
