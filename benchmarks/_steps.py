@@ -85,8 +85,13 @@ class Setup:
         tiny = " (tiny)" if self.tiny else ""
         return f"{NAMES[self.model]}{tiny} {self.resolution}² B={self.batch}"
 
-    def key(self) -> tuple[str, int, int]:
-        return (self.model, self.resolution, self.batch)
+    @property
+    def tokens(self) -> int:
+        """Image tokens of one sample where the patches cluster by default: SD-1.5's latent grid
+        (1/8), SDXL's first attention level (1/16), Flux's packed latents (1/16), DeiT's
+        16-pixel patches plus the class token."""
+        side = self.resolution // (8 if self.model == "sd15" else 16)
+        return side * side + (self.family == "vit")
 
 
 SETUPS: tuple[Setup, ...] = tuple(

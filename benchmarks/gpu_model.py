@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"bf16 ({hw.peak_flops_fp32 / 1e12:g} fp32), {hw.launch_s * 1e6:g} µs per launch, "
         f"{hw.sync_s * 1e6:g} µs per sync, {hw.sms} SMs; fused ATC kernel "
         f"{args.per_merge_us:g} µs per merge per 256-token row block (assumed)\n"
+        "Every figure is modelled (nothing runs on a GPU): per op max(bytes / bandwidth, "
+        "flops / peak) + launch; attention as flash attention; the fused ATC kernel by the "
+        "per-merge latency above; the other clustering paths by their op list at the real N, "
+        "run on a CPU stand-in with random values.\n"
     )
     todo = [(s, tuple(r for r in rows_for(s) if wanted(r))) for s in setups]
     results: list[dict] = []
