@@ -338,11 +338,9 @@ class CostModel:
         return seconds
 
     def peak_of(self, dtype: torch.dtype) -> float:
-        return (
-            self.hw.peak_flops
-            if dtype in (torch.bfloat16, torch.float16)
-            else (self.hw.peak_flops_fp32)
-        )
+        """Matmul flop/s in ``dtype``: tensor cores for bf16/fp16, the fp32 peak otherwise."""
+        half = dtype in (torch.bfloat16, torch.float16)
+        return self.hw.peak_flops if half else self.hw.peak_flops_fp32
 
     def on_device(self, tensors: list[torch.Tensor]) -> bool:
         return any(t.device.type in self.devices for t in tensors)
@@ -453,7 +451,9 @@ class CostModel:
             return out
         x = metas[0]
         if packet in (aten._local_scalar_dense, aten.item):
-            return {torch.bool: True}.get(x.dtype, 0.0 if x.is_floating_point() else 0)
+            if x.dtype == torch.bool:
+                return True
+            return 0.0 if x.is_floating_point() else 0
         if packet in (aten.equal, aten.is_nonzero):
             return True
         if packet is aten.nonzero:

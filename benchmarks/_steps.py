@@ -42,7 +42,7 @@ COLUMNS = (
     "ms",  # per model call (modelled; measured: median)
     "ms_q25",  # measured only: spread of the repeats
     "ms_q75",
-    "ratio",  # ms / unpatched ms of the same setup (measured: median of per-repeat ratios)
+    "ratio",  # ms / unpatched ms of the same setup (measured: median of each round's ratio)
     "ratio_q25",
     "ratio_q75",
     "launches",  # kernel launches per call
@@ -158,6 +158,20 @@ VIT_ROWS: tuple[Row, ...] = (
 
 def rows_for(setup: Setup) -> tuple[Row, ...]:
     return VIT_ROWS if setup.family == "vit" else DIFFUSION_ROWS
+
+
+def record(setup: Setup, row: Row, source: str) -> dict[str, Any]:
+    """The identifying :data:`COLUMNS` of ``row`` on ``setup`` (the figures come after)."""
+    return {
+        "source": source,
+        "model": setup.model,
+        "resolution": setup.resolution,
+        "batch": setup.batch,
+        "setup": setup.name,
+        "label": row.label,
+        "method": row.method or "",
+        "options": row.describe(),
+    }
 
 
 # --------------------------------------------------------------------------------------------

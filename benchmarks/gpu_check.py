@@ -63,6 +63,7 @@ from _steps import (  # noqa: E402
     call,
     counted_cluster_calls,
     move,
+    record,
     rows_for,
 )
 
@@ -364,7 +365,7 @@ def steps(
     for setup in setups:
         rows = rows_for(setup)
         if time.monotonic() > deadline:
-            out += [{**step_record(setup, r, source), "status": "skipped (time)"} for r in rows]
+            out += [{**record(setup, r, source), "status": "skipped (time)"} for r in rows]
             continue
         model, inputs = build(setup, device, dtype)
         inputs = move(inputs, device)
@@ -380,19 +381,6 @@ def steps(
 def _priority(setup: Setup) -> tuple:
     """Batch 2 of every model first (then 1), smaller sizes first; DeiT last."""
     return (setup.family == "vit", setup.batch != 2, setup.resolution, setup.model)
-
-
-def step_record(setup: Setup, row: Row, source: str) -> dict:
-    return {
-        "source": source,
-        "model": setup.model,
-        "resolution": setup.resolution,
-        "batch": setup.batch,
-        "setup": setup.name,
-        "label": row.label,
-        "method": row.method or "",
-        "options": row.describe(),
-    }
 
 
 SLOW_MS = {"cuda": 2e3, "cpu": 1e4}  # a step slower than this is timed once, in round 1
@@ -412,7 +400,7 @@ def measure_setup(
     """Every row of one setup on ``model``: a warm-up step (clustering calls counted), profiler
     counts, then interleaved rounds of timed steps while the time lasts."""
     device = next(model.parameters()).device
-    recs = {r.label: {**step_record(setup, r, source), "status": "ok"} for r in rows}
+    recs = {r.label: {**record(setup, r, source), "status": "ok"} for r in rows}
     steps_of: dict[str, Callable[[], object]] = {}
     first: dict[str, float] = {}
     for row in rows:

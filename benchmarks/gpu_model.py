@@ -54,6 +54,7 @@ from _steps import (
     at_step,
     build,
     call,
+    record,
     rows_for,
 )
 from tqdm import tqdm
@@ -72,19 +73,6 @@ def model_row(
         for step in steps:
             call(model, step)
     return cm.totals, calls
-
-
-def record(setup: Setup, row: Row, source: str) -> dict[str, Any]:
-    return {
-        "source": source,
-        "model": setup.model,
-        "resolution": setup.resolution,
-        "batch": setup.batch,
-        "setup": setup.name,
-        "label": row.label,
-        "method": row.method or "",
-        "options": row.describe(),
-    }
 
 
 def model_setup(
