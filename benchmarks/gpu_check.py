@@ -1,12 +1,14 @@
-"""The GPU check of the fused ATC kernel: one command, within 6 minutes on one H200.
+"""The GPU check: one command on a lent GPU (H100 / H200), within ``--budget`` seconds (9 min).
 
-    python benchmarks/gpu_check.py OUT_DIR            # on a CUDA machine
+    python benchmarks/gpu_check.py OUT_DIR                      # on a CUDA machine
+    python benchmarks/gpu_check.py OUT_DIR --sections steps     # the step times only
     python benchmarks/gpu_check.py OUT_DIR --smoke    # tiny sizes; on the CPU the fused path
                                                       # runs under Triton's interpreter
 
-Writes ``OUT_DIR/gpu_check.csv`` (every measurement) and ``OUT_DIR/gpu_check.md`` (the tables).
-Times are medians of many runs after warm-up, with the spread (25th-75th percentile), taken
-with CUDA events on a GPU (``time.perf_counter`` on the CPU). Sections:
+Writes ``OUT_DIR/gpu_check.csv`` (every measurement), ``OUT_DIR/gpu_check.md`` (the tables) and
+``OUT_DIR/gpu_steps.csv`` (section 4 in ``benchmarks/gpu_model.py``'s columns). Times are
+medians of many runs after warm-up, with the spread (25th-75th percentile), taken with CUDA
+events on a GPU (``time.perf_counter`` on the CPU). Sections:
 
 1. exactness: the fused path (``backend="triton"``) against scipy ``linkage`` + ``cut_tree``
    on ~60 random float64 cases (every linkage, protected 0-2, r from 0 to the maximum), and the
@@ -18,10 +20,17 @@ with CUDA events on a GPU (``time.perf_counter`` on the CPU). Sections:
 3. DeiT-S / DeiT-B (random init, bf16, batch 256): images/s unpatched, ToMe, ATC (each
    linkage) at keep 0.7 @ 3,6,9, eager and ``torch.compile(mode="reduce-overhead")`` (as the
    time budget allows), and ATC's clustering time as a share of the patched forward;
-4. an SD-1.5-layout UNet (random init, fp16, 64x64 latents, batch 2 and 8): step time
-   unpatched, tome_sd, ATC average (auto and forced Triton) and single at ratio 0.5.
+4. steps: the setups and rows that ``benchmarks/gpu_model.py`` models (``benchmarks/_steps.py``:
+   SD-1.5 512²/1024², SDXL 1024², Flux 1024²/2048², batch 2 then 1, DeiT-S batch 256; real
+   configurations, random init, bf16, unpatched SDPA as the baseline): ms per model call,
+   ratio to the unpatched call of the same round (median and spread over interleaved
+   rounds), launches and host syncs (profiler: CUDA kernels, ``cudaStreamSynchronize`` /
+   ``cudaEventSynchronize`` / blocking ``cudaMemcpy``), clustering calls; rows that force the
+   untiled fused kernel on more than ``--max_fused_tokens`` (4096) tokens are skipped. Join
+   ``gpu_steps.csv`` with ``gpu_model.csv`` on ``(model, resolution, batch, label)``: measured
+   vs modelled, which calibrates the model's per-merge latency.
 
-Each section has a time budget; what does not fit is written as ``skipped (time)``.
+Each section has a share of the budget; what does not fit is written as ``skipped (time)``.
 """
 
 from __future__ import annotations
@@ -42,10 +51,32 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+from _steps import (  # noqa: E402
+    COLUMNS,
+    SETUPS,
+    TINY_SETUPS,
+    Row,
+    Setup,
+    apply_row,
+    at_step,
+    build,
+    call,
+    counted_cluster_calls,
+    move,
+    record,
+    rows_for,
+)
+
 import atc_patch  # noqa: E402
+from atc_patch._cli import positive_int  # noqa: E402
 
 LINKAGES = ("single", "complete", "average")
-SYNC_EVENTS = ("aten::_local_scalar_dense", "aten::item")
+SYNC_EVENTS = ("aten::_local_scalar_dense",)  # host syncs seen on the CPU (item() calls it)
+# On a GPU: the runtime calls that wait for the device (our own closing cudaDeviceSynchronize
+# is not counted).
+CUDA_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SECTIONS = ("exactness", "kernel", "deit", "steps")
+SHARES = {"exactness": 0.05, "kernel": 0.25, "deit": 0.2, "steps": 0.5}  # of --budget
 
 
 class Clock:
@@ -103,6 +134,7 @@ def counts(fn: Callable[[], object], device: torch.device) -> dict:
     events = list(prof.events())
     syncs = sum(e.name in SYNC_EVENTS for e in events)
     if device.type == "cuda":
+        syncs = sum(e.name in CUDA_SYNC_EVENTS for e in events)
         cuda = torch.autograd.DeviceType.CUDA
         launches = sum(
             e.device_type == cuda and not e.name.startswith(("Memcpy", "Memset")) for e in events
@@ -318,46 +350,155 @@ def _cluster_share(model, x, device, clock: Clock, smoke: bool) -> float | None:
     return round(total, 4)
 
 
-def unet(device: torch.device, smoke: bool, clock: Clock, deadline: float) -> list[dict]:
-    from atc_patch.sd_models import build_unet, unet_inputs
+def steps(
+    device: torch.device, smoke: bool, clock: Clock, deadline: float, max_fused_tokens: int = 4096
+) -> list[dict]:
+    """``benchmarks/gpu_model.py``'s setups and rows, measured (``_steps``: real configurations,
+    random init, bf16; the tiny stand-ins in fp32 with ``--smoke``). Per setup, one model is
+    patched as each row in turn; rows are timed in interleaved rounds and each round's ratio
+    to the unpatched step of that round is kept."""
+    setups = TINY_SETUPS if smoke else tuple(sorted(SETUPS, key=_priority))
+    dtype = torch.float32 if smoke else torch.bfloat16
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    source = f"measured ({name}, {str(dtype).removeprefix('torch.')})"
+    out: list[dict] = []
+    for setup in setups:
+        rows = rows_for(setup)
+        if time.monotonic() > deadline:
+            out += [{**record(setup, r, source), "status": "skipped (time)"} for r in rows]
+            continue
+        model, inputs = build(setup, device, dtype)
+        inputs = move(inputs, device)
+        out += measure_setup(
+            model, inputs, setup, rows, source, clock, deadline, smoke, max_fused_tokens
+        )
+        del model, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return [{"section": "steps", **r} for r in out]
 
-    kind, side = ("tiny-sd", 8) if smoke else ("sd15", 64)
-    dtype = torch.float32 if smoke else torch.float16
-    model = build_unet(kind, dtype=dtype).to(device)
-    configs = [
-        ("unpatched", None, {}),
-        ("tome_sd", "tome_sd", {"seed": 0}),
-        ("atc_average", "atc", {"linkage": "average"}),
-        ("atc_average_triton", "atc", {"linkage": "average", "backend": "triton"}),
-        ("atc_single", "atc", {"linkage": "single"}),
-    ]
-    rows = []
-    for batch in (2,) if smoke else (2, 8):
-        inputs = unet_inputs(model, batch=batch, height=side, width=side)
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        for label, method, extra in configs:
-            row = {"section": "unet", "name": label, "model": kind, "B": batch, "latent": side}
-            if time.monotonic() > deadline:
-                rows.append({**row, "note": "skipped (time)"})
-                continue
-            if method is not None:
-                atc_patch.apply_patch(model, method=method, ratio=0.5, **extra)
+
+def _priority(setup: Setup) -> tuple:
+    """Batch 2 of every model first (then 1), smaller sizes first; DeiT last."""
+    return (setup.family == "vit", setup.batch != 2, setup.resolution, setup.model)
+
+
+SLOW_MS = {"cuda": 2e3, "cpu": 1e4}  # a step slower than this is timed once, in round 1
+
+
+def measure_setup(
+    model,
+    inputs: dict,
+    setup: Setup,
+    rows: tuple[Row, ...],
+    source: str,
+    clock: Clock,
+    deadline: float,
+    smoke: bool,
+    max_fused_tokens: int,
+) -> list[dict]:
+    """Every row of one setup on ``model``: a warm-up step (clustering calls counted), profiler
+    counts, then interleaved rounds of timed steps while the time lasts."""
+    device = next(model.parameters()).device
+    recs = {r.label: {**record(setup, r, source), "status": "ok"} for r in rows}
+    steps_of: dict[str, Callable[[], object]] = {}
+    first: dict[str, float] = {}
+    for row in rows:
+        rec = recs[row.label]
+        if time.monotonic() > deadline:
+            rec["status"] = "skipped (time)"
+            continue
+        if _fused_too_long(setup, row, max_fused_tokens):
+            rec["status"] = f"skipped (untiled fused kernel above {max_fused_tokens} tokens)"
+            continue
+        rec["status"], rec["note"] = apply_row(model, row)
+        if rec["status"] != "ok":
+            continue
+        step = _step(model, inputs, row)
+        try:
+            with counted_cluster_calls() as n:
+                first[row.label] = clock.run(step, 1, 0)[0]
+            rec["cluster_calls"] = round(n[0] / row.calls, 2)
+            if first[row.label] < 1e3 and time.monotonic() < deadline:
+                rec.update({k: round(v / row.calls, 2) for k, v in counts(step, device).items()})
+            steps_of[row.label] = step
+        except Exception as err:  # noqa: BLE001 - report, go on
+            rec["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+        finally:
+            atc_patch.remove_patch(model)
+    rounds = _rounds(model, rows, steps_of, first, clock, deadline, 2 if smoke else 10)
+    for label, (ms, ratios) in rounds.items():
+        rec = recs[label]
+        if not ms:
+            rec["status"] = "skipped (time)"
+            continue
+        s = stats(ms)
+        rec.update(ms=s["median_ms"], ms_q25=s["q25_ms"], ms_q75=s["q75_ms"])
+        if ratios:
+            q = np.percentile(ratios, [25, 50, 75])
+            rec.update(ratio=round(q[1], 3), ratio_q25=round(q[0], 3), ratio_q75=round(q[2], 3))
+        if len(ms) == 1:
+            rec["note"] = "1 run (slow)"
+    return list(recs.values())
+
+
+def _fused_too_long(setup: Setup, row: Row, max_tokens: int) -> bool:
+    """Whether ``row`` forces the fused ATC kernel on whole images of more than ``max_tokens``
+    tokens (one program per sample, modelled at seconds per step; not worth the budget)."""
+    forced = row.options.get("backend") == "triton" and row.options.get("tile") is None
+    return forced and setup.tokens > max_tokens
+
+
+def _step(model, inputs: dict, row: Row) -> Callable[[], None]:
+    """One denoising step of ``row``: ``row.calls`` model calls (moving timesteps)."""
+    step_inputs = [at_step(inputs, i) for i in range(row.calls)]
+
+    def step() -> None:
+        with torch.no_grad():
+            for x in step_inputs:
+                call(model, x)
+
+    return step
+
+
+def _rounds(
+    model,
+    rows: tuple[Row, ...],
+    steps_of: dict[str, Callable[[], object]],
+    first: dict[str, float],
+    clock: Clock,
+    deadline: float,
+    max_rounds: int,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Time every row's step in interleaved rounds (each round patches the model as each row in
+    turn): ``{label: (ms per model call, each round's ratio to the unpatched call)}``. A round
+    starts only if its estimate fits before ``deadline`` (round 1: each row if the deadline is
+    not past); slow steps (:data:`SLOW_MS`) are timed once, in round 1."""
+    by_label = {r.label: r for r in rows}
+    slow = SLOW_MS[next(model.parameters()).device.type]
+    runs = 3
+    out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in steps_of}
+    for rnd in range(max_rounds):
+        todo = [k for k in steps_of if rnd == 0 or first[k] < slow]
+        if rnd and time.monotonic() + sum(first[k] * runs for k in todo) / 1e3 > deadline:
+            break
+        medians = {}
+        for label in todo:
+            if rnd == 0 and time.monotonic() > deadline:
+                break
+            calls = by_label[label].calls
+            apply_row(model, by_label[label])
             try:
-                with torch.inference_mode():
-                    ms = clock.run(
-                        functools.partial(model, **inputs), 2 if smoke else 8, 1 if smoke else 2
-                    )
-                row.update(stats(ms))
-            except Exception as err:  # noqa: BLE001 - report, go on
-                row["note"] = f"failed: {type(err).__name__}: {err}"[:200]
-            if method is not None:
+                ms = clock.run(steps_of[label], 1 if first[label] >= slow else runs, 0)
+            finally:
                 atc_patch.remove_patch(model)
-            rows.append(row)
-        ref = {r["B"]: r.get("median_ms") for r in rows if r["name"] == "tome_sd"}
-        for r in rows:
-            if r.get("median_ms") and ref.get(r["B"]):
-                r["vs_tome_sd"] = round(r["median_ms"] / ref[r["B"]], 3)
-    return rows
+            out[label][0].extend(t / calls for t in ms)
+            medians[label] = statistics.median(ms) / calls
+        base = medians.get("unpatched")
+        for label, m in medians.items():
+            if base:
+                out[label][1].append(m / base)
+    return out
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -381,13 +522,30 @@ def write(rows: list[dict], out: Path, header: str) -> None:
         lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in part]
         lines.append("")
     (out / "gpu_check.md").write_text("\n".join(lines))
+    with open(out / "gpu_steps.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(r for r in rows if r["section"] == "steps")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("out_dir", help="folder for gpu_check.csv and gpu_check.md")
+    ap.add_argument("out_dir", help="folder for gpu_check.csv, gpu_check.md and gpu_steps.csv")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (runs on the CPU)")
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole check")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check")
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which sections (the budget is shared among them)",
+    )
+    ap.add_argument(
+        "--max_fused_tokens",
+        type=positive_int,
+        default=4096,
+        help="steps: skip rows forcing the untiled fused kernel on more tokens than this",
+    )
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
@@ -397,19 +555,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     clock = Clock(device)
     start = time.monotonic()
-    # Budget shares (the rest carries over): exactness, kernel calls, DeiT, UNet.
-    shares = (0.08, 0.37, 0.35, 0.20)
-    sections = (
-        lambda _: exactness(device, args.smoke),
-        lambda d: kernel_calls(device, args.smoke, clock, d),
-        lambda d: deit(device, args.smoke, clock, d),
-        lambda d: unet(device, args.smoke, clock, d),
-    )
+    run = {
+        "exactness": lambda _: exactness(device, args.smoke),
+        "kernel": lambda d: kernel_calls(device, args.smoke, clock, d),
+        "deit": lambda d: deit(device, args.smoke, clock, d),
+        "steps": lambda d: steps(device, args.smoke, clock, d, args.max_fused_tokens),
+    }
+    chosen = [s for s in SECTIONS if s in args.sections]
+    total = sum(SHARES[s] for s in chosen)
     rows: list[dict] = []
-    elapsed_share = 0.0
-    for share, section in tqdm(list(zip(shares, sections, strict=True)), desc="gpu_check"):
-        elapsed_share += share
-        rows += section(start + elapsed_share * args.budget)
+    elapsed_share = 0.0  # what a section does not use carries over to the next
+    for section in tqdm(chosen, desc="gpu_check"):
+        elapsed_share += SHARES[section] / total
+        rows += run[section](start + elapsed_share * args.budget)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke, interpreter)"
     header = (
         f"# gpu_check on {name}: torch {torch.__version__}, {time.monotonic() - start:.0f} s"

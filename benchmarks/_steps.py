@@ -1,0 +1,332 @@
+"""The model steps that ``gpu_model.py`` models and ``gpu_check.py`` measures: one table.
+
+A *setup* is a model at one size (:data:`SETUPS`: SD-1.5 at 512² and 1024², SDXL at 1024²,
+Flux at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256), built from its real
+configuration with random weights (no download) on any device, meta included. A *row* is a
+patch setting ``(label, method, options)`` (:data:`DIFFUSION_ROWS`, :data:`VIT_ROWS`): adding a
+setting is one line. Both scripts write :data:`COLUMNS`, so their CSVs join on
+``(model, resolution, batch, label)``.
+
+    from _steps import SETUPS, rows_for, build, apply_row
+
+    setup = SETUPS[0]
+    model, inputs = build(setup, "meta", torch.bfloat16)
+    for row in rows_for(setup):
+        status, why = apply_row(model, row)  # "ok" or "n/a (option not available)", message
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+import atc_patch
+
+# The CSV columns of gpu_model.py (modelled) and gpu_check.py's "steps" section (measured).
+COLUMNS = (
+    "source",  # "modelled (<hardware> constants)" or "measured (<GPU name>)"
+    "model",  # sd15 | sdxl | flux | deit_s
+    "resolution",  # image side in pixels
+    "batch",
+    "setup",  # e.g. "SD-1.5 512² B=2"
+    "label",  # the row
+    "method",
+    "options",
+    "status",  # ok | n/a (option not available) | n/a (rejected) | failed: ... | skipped (time)
+    "ms",  # per model call (modelled; measured: median)
+    "ms_q25",  # measured only: spread of the repeats
+    "ms_q75",
+    "ratio",  # ms / unpatched ms of the same setup (measured: median of each round's ratio)
+    "ratio_q25",
+    "ratio_q75",
+    "launches",  # kernel launches per call
+    "syncs",  # host synchronisations per call
+    "cluster_calls",  # cluster_tokens calls per model call
+    "hbm_gb",  # modelled only: HBM bytes read + written per call
+    "cluster_ms",  # modelled only: the clustering calls' share of ms
+    "attention_ms",  # modelled only: flash attention's share of ms
+    "note",
+)
+
+NAMES = {"sd15": "SD-1.5", "sdxl": "SDXL", "flux": "Flux", "deit_s": "DeiT-S"}
+TINY_UNETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}  # atc_patch.sd_models kinds
+FAMILIES = {"sd15": "unet", "sdxl": "unet", "flux": "flux", "deit_s": "vit"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One model at one size.
+
+    Attributes:
+        model: ``"sd15"``, ``"sdxl"``, ``"flux"`` (FLUX.1-dev) or ``"deit_s"``.
+        resolution: image side in pixels (latents are 1/8 of it; Flux packs 2x2 latents).
+        batch: batch size of one model call.
+        tiny: the model's tiny stand-in (same block layout, a few channels; tests, smoke runs):
+            ``tiny-sd`` / ``tiny-sdxl`` UNets, ``tiny-flux``, a 2-block ViT-Ti.
+    """
+
+    model: str
+    resolution: int
+    batch: int
+    tiny: bool = False
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.model]
+
+    @property
+    def name(self) -> str:
+        tiny = " (tiny)" if self.tiny else ""
+        return f"{NAMES[self.model]}{tiny} {self.resolution}² B={self.batch}"
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens of one sample where the patches cluster by default: SD-1.5's latent grid
+        (1/8), SDXL's first attention level (1/16), Flux's packed latents (1/16), DeiT's
+        16-pixel patches plus the class token."""
+        side = self.resolution // (8 if self.model == "sd15" else 16)
+        return side * side + (self.family == "vit")
+
+
+SETUPS: tuple[Setup, ...] = tuple(
+    Setup(m, res, b)
+    for m, res in (("sd15", 512), ("sd15", 1024), ("sdxl", 1024), ("flux", 1024), ("flux", 2048))
+    for b in (1, 2)
+) + (Setup("deit_s", 224, 256),)
+TINY_SETUPS: tuple[Setup, ...] = (
+    Setup("sd15", 64, 2, tiny=True),
+    Setup("sdxl", 64, 2, tiny=True),
+    Setup("flux", 64, 1, tiny=True),
+    Setup("deit_s", 64, 2, tiny=True),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A patch setting: ``atc_patch.apply_patch(model, method, **options)`` (``method=None``:
+    the unpatched model). ``reuse_steps`` in ``options`` makes a step the mean of that many
+    consecutive calls (the plans computed on the first are reused by the others)."""
+
+    label: str
+    method: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def calls(self) -> int:
+        return int(self.options.get("reuse_steps", 1))
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+HALF = {"ratio": 0.5}
+TILED = {**HALF, "backend": "triton", "tile": (32, 32)}
+DIFFUSION_ROWS: tuple[Row, ...] = (
+    Row("unpatched"),
+    Row("tome_sd", "tome_sd", {**HALF, "seed": 0}),
+    Row("atc", "atc", HALF),  # the defaults (backend "auto")
+    Row("atc torch", "atc", {**HALF, "backend": "torch"}),
+    Row("atc triton", "atc", {**HALF, "backend": "triton"}),
+    # Issue 21's settings for the diffusion core (n/a where the installed atc_patch lacks them).
+    Row("atc tiled 32x32", "atc", TILED),
+    Row("atc tiled, per resolution", "atc", {**TILED, "plan_scope": "resolution"}),
+    Row(
+        "atc tiled, per resolution, reuse 4",
+        "atc",
+        {**TILED, "plan_scope": "resolution", "reuse_steps": 4},
+    ),
+    Row(
+        "atc tiled, per resolution, kv", "atc", {**TILED, "plan_scope": "resolution", "merge": "kv"}
+    ),
+)
+VIT_ROWS: tuple[Row, ...] = (
+    Row("unpatched"),
+    Row("tome r=16", "tome", {"r": 16}),
+    Row("atc r=16", "atc", {"r": 16}),  # backend "auto": the fused path on a GPU
+    Row("atc r=16 torch", "atc", {"r": 16, "backend": "torch"}),
+)
+
+
+def rows_for(setup: Setup) -> tuple[Row, ...]:
+    return VIT_ROWS if setup.family == "vit" else DIFFUSION_ROWS
+
+
+def record(setup: Setup, row: Row, source: str) -> dict[str, Any]:
+    """The identifying :data:`COLUMNS` of ``row`` on ``setup`` (the figures come after)."""
+    return {
+        "source": source,
+        "model": setup.model,
+        "resolution": setup.resolution,
+        "batch": setup.batch,
+        "setup": setup.name,
+        "label": row.label,
+        "method": row.method or "",
+        "options": row.describe(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Building a setup
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def _construction(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Parameters made on ``device`` in ``dtype`` directly (no float32 copy of a 12B model)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def flux_config() -> dict[str, Any]:
+    """FLUX.1-dev's transformer configuration: 19 double- and 38 single-stream blocks."""
+    from atc_patch.dit_models import transformer_config
+
+    _, kw = transformer_config("flux-width")
+    return dict(kw, num_layers=19, num_single_layers=38)
+
+
+def build_model(setup: Setup, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The random-init model of ``setup`` on ``device`` (``"meta"``: shapes only), eval mode."""
+    with torch.random.fork_rng(devices=[]), _construction(device, dtype):
+        torch.manual_seed(0)
+        if setup.family == "unet":
+            from diffusers import UNet2DConditionModel
+
+            from atc_patch.sd_models import unet_config
+
+            kind = TINY_UNETS[setup.model] if setup.tiny else setup.model
+            model = UNet2DConditionModel(**unet_config(kind))
+        elif setup.family == "flux":
+            from diffusers import FluxTransformer2DModel
+
+            from atc_patch.dit_models import transformer_config
+
+            config = transformer_config("tiny-flux")[1] if setup.tiny else flux_config()
+            model = FluxTransformer2DModel(**config)
+        else:
+            import timm
+
+            name, kw = "deit_small_patch16_224", {}
+            if setup.tiny:
+                name, kw = "vit_tiny_patch16_224", {"depth": 2, "img_size": setup.resolution}
+            model = timm.create_model(name, pretrained=False, **kw)
+    return model.eval()
+
+
+def model_inputs(model: torch.nn.Module, setup: Setup, device: str | torch.device) -> dict:
+    """Keyword inputs of one call at ``setup``'s size: SD text 77 tokens, Flux-dev text 512
+    tokens with guidance (8 for tiny models), DeiT images. Small tensors are made on the CPU
+    (their values matter: timesteps, position ids; move them with :func:`move`), images on
+    ``device`` directly."""
+    if setup.family == "unet":
+        from atc_patch.sd_models import unet_inputs
+
+        side, text = setup.resolution // 8, 8 if setup.tiny else 77
+        return unet_inputs(model, batch=setup.batch, height=side, width=side, seq_len=text)
+    if setup.family == "flux":
+        from atc_patch.dit_models import transformer_inputs
+
+        side, text = setup.resolution // 16, 8 if setup.tiny else 512
+        return transformer_inputs(model, batch=setup.batch, height=side, width=side, seq_len=text)
+    dtype = next(model.parameters()).dtype
+    shape = (setup.batch, 3, setup.resolution, setup.resolution)
+    return {"x": torch.randn(shape, device=device, dtype=dtype)}
+
+
+def build(setup: Setup, device: str | torch.device, dtype: torch.dtype) -> tuple[Any, dict]:
+    """``(model, inputs)`` for ``setup`` on ``device``; the inputs still on the CPU are moved by
+    :func:`move` (the cost model moves them with their values instead)."""
+    model = build_model(setup, device, dtype)
+    return model, model_inputs(model, setup, device)
+
+
+def move(tree: Any, device: str | torch.device) -> Any:
+    """Every tensor in ``tree`` (dicts, lists) on ``device``."""
+    return torch.utils._pytree.tree_map(
+        lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree
+    )
+
+
+def at_step(inputs: dict, step: int) -> dict:
+    """The inputs of denoising call ``step`` (0 = as built): the timestep moves on as a sampler
+    moves it, so a patch sees a new call. Run it outside the timed/modelled region."""
+    if not step or "timestep" not in inputs:
+        return inputs
+    t = inputs["timestep"]
+    return dict(inputs, timestep=t - step * (0.02 if t.is_floating_point() else 20))
+
+
+def call(model: Any, inputs: dict) -> Any:
+    """One model call."""
+    if "x" in inputs:
+        return model(inputs["x"])
+    return model(**inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Patching a row
+# --------------------------------------------------------------------------------------------
+def apply_row(model: Any, row: Row) -> tuple[str, str]:
+    """Patch ``model`` as ``row`` says. Returns ``(status, note)``: ``("ok", "")``, or
+    ``"n/a (option not available)"`` / ``"n/a (rejected)"`` with atc_patch's message when the
+    installed atc_patch declines the row (the model is then left unpatched)."""
+    atc_patch.remove_patch(model)
+    if row.method is None:
+        return "ok", ""
+    try:
+        atc_patch.apply_patch(model, method=row.method, **row.options)
+    except (ValueError, TypeError) as err:
+        atc_patch.remove_patch(model)
+        unknown = "unknown option" in str(err)
+        return f"n/a ({'option not available' if unknown else 'rejected'})", str(err)
+    return "ok", ""
+
+
+@contextmanager
+def wrapped_cluster_tokens(wrapper: Callable[..., Any]) -> Iterator[None]:
+    """Route every loaded atc_patch module's ``cluster_tokens`` through
+    ``wrapper(original, *args, **kwargs)`` (the family patches bind it at import)."""
+    from atc_patch import kernel
+
+    original = kernel.cluster_tokens
+
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, *args, **kwargs)
+
+    swapped = [
+        mod
+        for name, mod in list(sys.modules.items())
+        if name.split(".")[0] == "atc_patch" and getattr(mod, "cluster_tokens", None) is original
+    ]
+    for mod in swapped:
+        mod.cluster_tokens = routed
+    try:
+        yield
+    finally:
+        for mod in swapped:
+            mod.cluster_tokens = original
+
+
+@contextmanager
+def counted_cluster_calls() -> Iterator[list[int]]:
+    """``with counted_cluster_calls() as n:`` ... ``n[0]`` is the number of clustering calls."""
+    n = [0]
+
+    def count(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        n[0] += 1
+        return original(*args, **kwargs)
+
+    with wrapped_cluster_tokens(count):
+        yield n
