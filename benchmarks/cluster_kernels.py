@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from atc_patch._cli import non_negative_int, positive_int
+from atc_patch.demo.argtypes import non_negative_int, positive_int
 from atc_patch.kernel.atc import agglomerative_labels_ws
 from atc_patch.kernel.distance import negative_cosine_workspace
 from atc_patch.kernel.scratch import release_workspace

@@ -319,7 +319,7 @@ def _cluster_share(model, x, device, clock: Clock, smoke: bool) -> float | None:
 
 
 def unet(device: torch.device, smoke: bool, clock: Clock, deadline: float) -> list[dict]:
-    from atc_patch.sd_models import build_unet, unet_inputs
+    from atc_patch.testing import build_unet, unet_inputs
 
     kind, side = ("tiny-sd", 8) if smoke else ("sd15", 64)
     dtype = torch.float32 if smoke else torch.float16

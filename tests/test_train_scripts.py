@@ -101,7 +101,7 @@ class FakeWandb(types.ModuleType):
 
 def readme(name: str) -> list[str]:
     """The command of the reference README that runs ``name`` (its flags, split like a shell)."""
-    text = ROOT.parent.parent / "shared" / "reference" / "ATC_official_README.md"
+    text = ROOT.parent / "shared" / "reference" / "ATC_official_README.md"
     if not text.exists():  # the README commands, verbatim, for runs outside the workspace
         text = None
     commands = {
@@ -468,6 +468,45 @@ def test_deit_hard_distillation(data, tmp_path):
     )
     assert res["model"].dist_token is not None  # the distilled DeiT
     assert res["rows"][-1]["train_loss"] > 0
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_flags_are_read_weights_only(data, tmp_path, monkeypatch):
+    """--teacher-path (also https://, read from torch's hub cache as torch.hub would),
+    --finetune and --resume go through the one weights-only reader: a pickled os.system is
+    refused with its name and never runs."""
+    import argparse
+
+    from atc_patch.pretrained import UnsafeCheckpointError
+    from atc_patch.train.recipe import build_teacher
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    marker = tmp_path / "executed"
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    evil = {"model": teacher.state_dict(), "payload": _Evil(str(marker))}
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(evil, cache / "regnety_teacher.pth")
+    torch.save(evil, tmp_path / "x")
+    env = argparse.Namespace(device=torch.device("cpu"))
+    for path in ("https://example.com/regnety_teacher.pth", str(tmp_path / "x")):
+        args = argparse.Namespace(
+            distillation_type="hard", teacher_model="resnet10t", teacher_path=path
+        )
+        with pytest.raises(UnsafeCheckpointError, match="system"):
+            build_teacher(args, 10, env)
+    for flag in ("--finetune", "--resume"):
+        argv = digits_flags(data, "--epochs", "1", "--output_dir", "", flag, str(tmp_path / "x"))
+        with pytest.raises(UnsafeCheckpointError, match="system"):
+            train_deit(argv)
+    assert not marker.exists()
 
 
 def test_registry_model_checkpoint_loads_with_load_pretrained(data, tmp_path, monkeypatch):
