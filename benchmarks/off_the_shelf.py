@@ -171,8 +171,9 @@ def reference_setup(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     size, pretrained = args.input_size, args.pretrained is not False
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     if args.model_type == "augreg":
-        model = timm.create_model(args.model_name, pretrained=pretrained and not args.checkpoint)
-        size = model.pretrained_cfg["input_size"][1] if pretrained else size
+        model = timm.create_model(
+            args.model_name, pretrained=pretrained and not args.checkpoint, img_size=size
+        )  # timm resamples the position embeddings of weights made for another size
         mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
         resize = int(256 / 224 * size)
     elif args.model_type == "swag":

@@ -262,6 +262,47 @@ def test_readme_off_the_shelf_command(data, tmp_path):
     assert csv_path.read_text().splitlines()[0].startswith("Model;Img_Size;r;Top-1;Top-5")
 
 
+def test_off_the_shelf_augreg_builds_the_model_at_input_size(data, tmp_path):
+    """--model-type augreg builds timm's model at --input-size, as swag and mae do (before, the
+    model kept its 224 px and a 32 px evaluation crashed)."""
+    argv = [
+        "--data",
+        str(data / "imagefolder"),
+        "--model-type",
+        "augreg",
+        "--model-name",
+        "vit_tiny_patch16_224",
+        "--input-size",
+        "32",
+        "--r",
+        "0",
+        "1",
+        "--merge_fn",
+        "atc",
+        "--linkage",
+        "single",
+        "--no-pretrained",
+        "--num_images",
+        "4",
+        "--batch_size",
+        "4",
+        "--workers",
+        "0",
+        "--results-dir",
+        str(tmp_path),
+        "--no_progress",
+        "--device",
+        "cpu",
+    ]
+    torch.set_num_threads(1)
+    script = _script("benchmarks/off_the_shelf.py")
+    rows = script.reference_study(script.parse_args(argv))
+    assert [r["r"] for r in rows] == [0, 1]
+    csv_path = tmp_path / "constant" / "augreg_vit_tiny_patch16_224_32_atc_single.csv"
+    first = csv_path.read_text().splitlines()[1].split(";")
+    assert first[:3] == ["vit_tiny_patch16_224", "32", "0"]
+
+
 @pytest.mark.parametrize("dataset", ["coco", "nuswide"])
 def test_multilabel_step(data, dataset):
     res = train_deit(
