@@ -2,8 +2,9 @@
 
 The counterpart of the ATC paper's ``sd_generate.py``, for Stable Diffusion UNets and the
 diffusion transformers (Flux, SD3, PixArt, DiT). Offline by default: ``--model_id tiny-sd``
-(the default), ``tiny-flux``, ``tiny-sd3``, ``tiny-pixart`` or ``tiny-dit`` build a tiny
-random-init pipeline in memory, so the script runs end to end anywhere (the images are noise).
+(the default), ``tiny-sdxl``, ``tiny-flux``, ``tiny-sd3``, ``tiny-pixart`` or ``tiny-dit``
+build a tiny random-init pipeline in memory, so the script runs end to end anywhere (the
+images are noise).
 Any other ``--model_id`` (a Hub id or a local folder) loads real weights where you have them.
 
     python examples/sd_generate.py --merge_fn_str atc --linkage average --reduction_ratio 0.5
