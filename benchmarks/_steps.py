@@ -55,7 +55,7 @@ COLUMNS = (
 )
 
 NAMES = {"sd15": "SD-1.5", "sdxl": "SDXL", "flux": "Flux", "deit_s": "DeiT-S"}
-TINY_UNETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}  # atc_patch.sd_models kinds
+TINY_UNETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}  # atc_patch.testing kinds
 FAMILIES = {"sd15": "unet", "sdxl": "unet", "flux": "flux", "deit_s": "vit"}
 
 
@@ -191,7 +191,7 @@ def _construction(device: str | torch.device, dtype: torch.dtype) -> Iterator[No
 
 def flux_config() -> dict[str, Any]:
     """FLUX.1-dev's transformer configuration: 19 double- and 38 single-stream blocks."""
-    from atc_patch.dit_models import transformer_config
+    from atc_patch.testing import transformer_config
 
     _, kw = transformer_config("flux-width")
     return dict(kw, num_layers=19, num_single_layers=38)
@@ -204,14 +204,14 @@ def build_model(setup: Setup, device: str | torch.device, dtype: torch.dtype) ->
         if setup.family == "unet":
             from diffusers import UNet2DConditionModel
 
-            from atc_patch.sd_models import unet_config
+            from atc_patch.testing import unet_config
 
             kind = TINY_UNETS[setup.model] if setup.tiny else setup.model
             model = UNet2DConditionModel(**unet_config(kind))
         elif setup.family == "flux":
             from diffusers import FluxTransformer2DModel
 
-            from atc_patch.dit_models import transformer_config
+            from atc_patch.testing import transformer_config
 
             config = transformer_config("tiny-flux")[1] if setup.tiny else flux_config()
             model = FluxTransformer2DModel(**config)
@@ -231,12 +231,12 @@ def model_inputs(model: torch.nn.Module, setup: Setup, device: str | torch.devic
     (their values matter: timesteps, position ids; move them with :func:`move`), images on
     ``device`` directly."""
     if setup.family == "unet":
-        from atc_patch.sd_models import unet_inputs
+        from atc_patch.testing import unet_inputs
 
         side, text = setup.resolution // 8, 8 if setup.tiny else 77
         return unet_inputs(model, batch=setup.batch, height=side, width=side, seq_len=text)
     if setup.family == "flux":
-        from atc_patch.dit_models import transformer_inputs
+        from atc_patch.testing import transformer_inputs
 
         side, text = setup.resolution // 16, 8 if setup.tiny else 512
         return transformer_inputs(model, batch=setup.batch, height=side, width=side, seq_len=text)

@@ -6,6 +6,9 @@ atc_patch (the machines are shared and noisy: compare ratios, not absolute milli
 
     python benchmarks/cluster_kernels.py --framework all --input_sizes 224 --batch_sizes 6 \
         --reduction_ratio 0.7 --linkage average complete single
+    python benchmarks/cluster_kernels.py --output_dir out --framework sklearn --input_sizes 224 \
+        256 --emb_size 64 --runs 1000 --throw_out 0.25 --reduction_ratio 0.25 \
+        --batch_sizes 0 1 2 3 4 5 6 7 8 9 10 --linkage complete    # the reference README's
 
 ``--input_sizes`` are image sizes (patch 16: 224 px -> 196 tokens); ``--tokens`` gives token
 counts directly (4096 = Stable Diffusion at 512 px). ``--batch_sizes`` are log2 of the batch
@@ -14,7 +17,8 @@ sizes, as in the reference script: 0 -> 1, 6 -> 64 (the actual sizes are printed
 reference script.
 
 Timing is round-robin (every framework once per round, in a shuffled order; the median over
-rounds). Ratios ``a_over_b`` are the median of the per-round ratios, with their min and max
+the rounds left after the first ``--throw_out`` fraction). Ratios ``a_over_b`` are the median
+of the per-round ratios, with their min and max
 (``_lo``, ``_hi``) as the spread. atc_patch keeps its CPU buffers between calls
 (``atc_patch.release_workspace``); the ``atc_patch_cold`` columns free them before every call,
 i.e. what a first call costs. ``atc_patch_torch_threads`` runs the kernel on torch's thread
@@ -53,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from atc_patch._cli import non_negative_int, positive_int
+from atc_patch.demo.argtypes import fraction, non_negative_int, positive_int
 from atc_patch.kernel.atc import agglomerative_labels_ws
 from atc_patch.kernel.distance import negative_cosine_workspace
 from atc_patch.kernel.scratch import release_workspace
@@ -173,21 +177,23 @@ def _need_sklearn() -> None:
 
 
 def time_calls(
-    fns: dict[str, Callable[[], object]], runs: int, throw_out: int
+    fns: dict[str, Callable[[], object]], runs: int, throw_out: float
 ) -> dict[str, list[float]]:
-    """Wall times in ms of each function (one per round), timed round-robin: ``throw_out``
-    warm-up rounds, then ``runs`` rounds in which every function runs once, in a shuffled
-    order (so that load changes on a shared machine, and cache effects, hit all alike)."""
+    """Wall times in ms of each function (one per kept round), timed round-robin: ``runs``
+    rounds in which every function runs once, in a shuffled order (so that load changes on a
+    shared machine, and cache effects, hit all alike); the first ``throw_out`` fraction of the
+    rounds is warm-up and dropped, as the reference script does."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     shuffle = random.Random(0).shuffle
-    for rep in range(throw_out + runs):
+    warm = int(runs * throw_out)
+    for rep in range(runs):
         shuffle(order)  # no function always runs right after the same other one
         for name in order:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()
-            if rep >= throw_out:
+            if rep >= warm:
                 times[name].append((time.perf_counter() - t0) * 1000)
     return times
 
@@ -208,8 +214,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--reduction_ratio", type=float, default=0.7, help="fraction of tokens kept")
     ap.add_argument("--linkage", nargs="*", default=["average", "complete", "single"])
-    ap.add_argument("--runs", type=positive_int, default=5)
-    ap.add_argument("--throw_out", type=non_negative_int, default=1)
+    ap.add_argument("--runs", type=positive_int, default=6, help="rounds, warm-up included")
+    ap.add_argument(
+        "--throw_out",
+        type=fraction,
+        default=0.25,
+        help="fraction of the rounds discarded as warm-up (the reference's flag)",
+    )
     ap.add_argument(
         "--threads",
         type=positive_int,

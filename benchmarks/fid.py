@@ -12,7 +12,7 @@ The counterpart of the ATC paper's ``compute_fid_scores.py`` and ``create_im_val
     python benchmarks/fid.py compute --gen_dir gen/ --ref_dir ref/ --mode clean
 
 Features come from clean-fid (``pip install clean-fid``); the Fréchet distance is
-:func:`atc_patch.fid.frechet_distance`. clean-fid downloads its Inception weights
+:func:`atc_patch.train.fid.frechet_distance`. clean-fid downloads its Inception weights
 (``inception-2015-12-05.pt``) on first use; offline, put that file in the folder clean-fid
 reads it from (``/tmp`` on Linux/macOS, the working directory on Windows) beforehand.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atc_patch.fid import fid_from_features
+from atc_patch.train.fid import fid_from_features
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 INCEPTION_FILE = "inception-2015-12-05.pt"

@@ -68,7 +68,7 @@ from _steps import (  # noqa: E402
 )
 
 import atc_patch  # noqa: E402
-from atc_patch._cli import positive_int  # noqa: E402
+from atc_patch.demo.argtypes import positive_int  # noqa: E402
 
 LINKAGES = ("single", "complete", "average")
 SYNC_EVENTS = ("aten::_local_scalar_dense",)  # host syncs seen on the CPU (item() calls it)

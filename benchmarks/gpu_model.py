@@ -60,7 +60,7 @@ from _steps import (
 from tqdm import tqdm
 
 import atc_patch
-from atc_patch._cli import positive_int
+from atc_patch.demo.argtypes import positive_int
 
 
 def model_row(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from atc_patch._cli import kernel_threads_policy, positive_int
+from atc_patch.demo.argtypes import kernel_threads_policy, positive_int
 from atc_patch.kernel.threads import set_kernel_threads
 
 

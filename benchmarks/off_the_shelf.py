@@ -46,12 +46,12 @@ from torch import nn
 from atc_patch.demo import (
     KEEP_RATES,
     REDUCTION_LOC,
-    Batches,
     format_table,
     plot_accuracy,
     run_study,
     write_csv,
 )
+from atc_patch.demo.study import Batches
 from atc_patch.kernel import LINKAGES
 
 LABELS = {"tome": "ToMe", "kmedoids": "K-Medoids", "dpcknn": "DPC-KNN"}
@@ -83,7 +83,7 @@ def schedule_list(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def digits_setup(batch_size: int, num_images: int | None = None) -> tuple[nn.Module, Batches]:
     """The shipped digits ViT and (the first ``num_images`` of) its test split, in batches."""
-    from atc_patch.digits import load_model, load_test_split, normalize
+    from atc_patch.demo.digits import load_model, load_test_split, normalize
 
     model, _ = load_model()
     images, labels = load_test_split()
@@ -171,8 +171,9 @@ def reference_setup(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     size, pretrained = args.input_size, args.pretrained is not False
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     if args.model_type == "augreg":
-        model = timm.create_model(args.model_name, pretrained=pretrained and not args.checkpoint)
-        size = model.pretrained_cfg["input_size"][1] if pretrained else size
+        model = timm.create_model(
+            args.model_name, pretrained=pretrained and not args.checkpoint, img_size=size
+        )  # timm resamples the position embeddings of weights made for another size
         mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
         resize = int(256 / 224 * size)
     elif args.model_type == "swag":

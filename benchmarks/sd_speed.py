@@ -35,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 import atc_patch
-from atc_patch._cli import kernel_threads_policy, positive_int
+from atc_patch.demo.argtypes import kernel_threads_policy, positive_int
 from atc_patch.kernel.scratch import release_workspace, workspace_bytes
 from atc_patch.kernel.threads import set_kernel_threads
-from atc_patch.sd_models import KINDS, build_unet, unet_inputs
+from atc_patch.testing import UNET_KINDS, build_unet, unet_inputs
 
 METHODS = ("unpatched", "tomesd", "tome_sd", "atc-single", "atc-complete", "atc-average")
 
@@ -155,7 +155,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--unet", default="sd15", choices=KINDS, help="UNet layout (random init)")
+    p.add_argument("--unet", default="sd15", choices=UNET_KINDS, help="UNet layout (random init)")
     p.add_argument("--latent", type=int, default=64, help="latent size (64 = 512 px)")
     p.add_argument("--batch", type=int, default=2, help="2 = one classifier-free-guidance step")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])

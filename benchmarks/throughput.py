@@ -13,6 +13,9 @@ ratios (the spread).
         --batch_sizes 5 --runs 40 --keep_rate 0.7 --reduction_loc 3 6 9 \\
         --method atc --linkage average --output_dir bench_out
     python benchmarks/throughput.py --hf_model vit --r 8 --batch_sizes 3 --runs 20 --threads 2
+    python benchmarks/throughput.py --output_dir out --model atc_small_patch16_224 \
+        --input_size 224 --runs 2000 --throw_out 0.25 --reduction_ratio 0.5 \
+        --batch_sizes 0 1 2 3 4 5 6 7 8 9 10 --linkage complete   # the reference README's
 
 Writes ``<output_dir>/throughput_<model>.csv`` and ``.png`` and prints the table with ratios
 to the unpatched model and to ToMe. Models are random-init (no weights are downloaded).
@@ -24,6 +27,7 @@ import argparse
 import copy
 import csv
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -32,19 +36,29 @@ import torch
 from tqdm import tqdm
 
 import atc_patch
+from atc_patch.demo.argtypes import fraction, non_negative_int, positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    p.add_argument(
+        "--model",
+        default="deit_small_patch16_224",
+        help="timm model name; atc_/tome_{tiny,small,base}_patch16_224 (the reference's names) "
+        "time timm's DeiT of that size with that method",
+    )
     p.add_argument(
         "--hf_model", choices=list(HF_MODELS), default=None, help="a transformers model instead"
     )
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--runs", type=int, default=40, help="timed forwards per configuration")
-    p.add_argument("--throw_out", type=float, default=0.25, help="fraction of runs discarded")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[5], help="powers of two")
-    p.add_argument("--method", default="atc", choices=["atc", "tome", "kmedoids", "dpcknn"])
+    p.add_argument("--input_size", type=positive_int, default=224)
+    p.add_argument("--runs", type=positive_int, default=40, help="timed forwards per configuration")
+    p.add_argument(
+        "--throw_out", type=fraction, default=0.25, help="fraction of runs discarded as warm-up"
+    )
+    p.add_argument(
+        "--batch_sizes", type=non_negative_int, nargs="+", default=[5], help="powers of two"
+    )
+    p.add_argument("--method", default=None, choices=["atc", "tome", "kmedoids", "dpcknn"])
     p.add_argument(
         "--linkage",
         nargs="+",
@@ -53,14 +67,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ATC linkage(s), one configuration each (default: average; every one for --hf_model)",
     )
     p.add_argument("--r", type=int, default=None, help="tokens removed per block")
-    p.add_argument("--keep_rate", type=float, default=None)
+    p.add_argument(
+        "--keep_rate",
+        "--reduction_ratio",
+        dest="keep_rate",
+        type=float,
+        default=None,
+        help="fraction of tokens kept at each --reduction_loc (the reference's --reduction_ratio)",
+    )
     p.add_argument("--reduction_loc", type=int, nargs="+", default=None)
     p.add_argument("--prop_attn", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.add_argument("--output_dir", default="bench_out")
     args = p.parse_args(argv)
+    args.timm_model = args.model
+    named = re.fullmatch(r"(atc|tome)_(tiny|small|base)_patch16_(\d+)", args.model)
+    if named is not None:  # the reference's registry names: timm's DeiT + that method
+        if args.method not in (None, named[1]):
+            p.error(f"--model {args.model} times method {named[1]}, not --method {args.method}")
+        args.method, args.timm_model = named[1], f"deit_{named[2]}_patch16_{named[3]}"
+    args.method = args.method or "atc"
     if args.r is None and args.keep_rate is None:
-        args.keep_rate, args.reduction_loc = 0.7, args.reduction_loc or [3, 6, 9]
+        args.keep_rate = 0.7
+    if args.keep_rate is not None:
+        args.reduction_loc = args.reduction_loc or [3, 6, 9]
     if args.linkage is None:
         args.linkage = list(atc_patch.LINKAGES) if args.hf_model else ["average"]
     if args.hf_model:
@@ -83,7 +113,7 @@ def build_base(args: argparse.Namespace) -> torch.nn.Module:
     if args.hf_model is None:
         import timm
 
-        return timm.create_model(args.model, pretrained=False, img_size=args.input_size).eval()
+        return timm.create_model(args.timm_model, pretrained=False, img_size=args.input_size).eval()
     import transformers
 
     config_cls, model_cls, overrides = HF_MODELS[args.hf_model]

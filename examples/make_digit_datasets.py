@@ -6,7 +6,7 @@ pixel ``p`` in 0..16 stored as ``round(p * 255 / 16)``)::
     python examples/make_digit_datasets.py --output_dir data/digits
 
 * ``<out>/imagefolder/{train,val}/<digit>/<i>.png``: the split the shipped digits ViT was
-  trained and tested on (``atc_patch.digits``), as an ImageNet-style ImageFolder.
+  trained and tested on (``atc_patch.demo.digits``), as an ImageNet-style ImageFolder.
 * ``<out>/coco/{train2014,val2014}/*.png`` and
   ``<out>/coco/annotations/instances_{train,val}2014.json``: 2x2 mosaics (16x16) of digits,
   one COCO "annotation" per tile (category = digit, bbox = the tile), so each image's target

@@ -2,8 +2,9 @@
 
 The counterpart of the ATC paper's ``sd_generate.py``, for Stable Diffusion UNets and the
 diffusion transformers (Flux, SD3, PixArt, DiT). Offline by default: ``--model_id tiny-sd``
-(the default), ``tiny-flux``, ``tiny-sd3``, ``tiny-pixart`` or ``tiny-dit`` build a tiny
-random-init pipeline in memory, so the script runs end to end anywhere (the images are noise).
+(the default), ``tiny-sdxl``, ``tiny-flux``, ``tiny-sd3``, ``tiny-pixart`` or ``tiny-dit``
+build a tiny random-init pipeline in memory, so the script runs end to end anywhere (the
+images are noise).
 Any other ``--model_id`` (a Hub id or a local folder) loads real weights where you have them.
 
     python examples/sd_generate.py --merge_fn_str atc --linkage average --reduction_ratio 0.5
@@ -32,9 +33,10 @@ from pathlib import Path
 import torch
 
 import atc_patch
+from atc_patch.testing import PIPELINE_KINDS as TINY
+from atc_patch.testing import build_tiny_pipeline, tiny_pipeline_call_kwargs
 
 MERGE_FNS = ("none", "atc", "tome_sd", "tome", "kmedoids", "dpcknn")
-TINY = ("tiny-sd", "tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,13 +85,7 @@ def shard() -> tuple[int, int, int]:
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline to patch: a tiny random-init one or real weights from ``--model_id``."""
-    if args.model_id == "tiny-sd":
-        from atc_patch.sd_models import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(seed=args.seed)
-    elif args.model_id in TINY:
-        from atc_patch.dit_models import build_tiny_pipeline
-
+    if args.model_id in TINY:
         pipe = build_tiny_pipeline(args.model_id, seed=args.seed)
     else:
         from diffusers import DiffusionPipeline
@@ -139,8 +135,6 @@ def generate(pipe, args: argparse.Namespace, prompt: str, generator: torch.Gener
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     if args.model_id in TINY:
-        from atc_patch.dit_models import tiny_pipeline_call_kwargs
-
         kw.update(tiny_pipeline_call_kwargs(args.model_id))
     if hasattr(pipe, "get_label_ids"):  # DiT: class-conditional
         label = int(prompt) if prompt.isdigit() else pipe.get_label_ids([prompt])[0]

@@ -1,14 +1,14 @@
 """Train the small ViT that ships with atc_patch (the demo's model), on scikit-learn's digits.
 
-Reproduces ``src/atc_patch/data/digits_vit.safetensors`` (weights; architecture, split and
-test accuracy in the metadata) and ``src/atc_patch/data/digits_test.safetensors`` (the
+Reproduces ``src/atc_patch/demo/data/digits_vit.safetensors`` (weights; architecture, split and
+test accuracy in the metadata) and ``src/atc_patch/demo/data/digits_test.safetensors`` (the
 held-out test split), seeded, on one CPU thread in a few minutes::
 
-    python examples/train_digits.py                                     # into src/atc_patch/data
+    python examples/train_digits.py                         # into src/atc_patch/demo/data
     python examples/train_digits.py --epochs 2 --output_dir /tmp/digits  # a smoke run
 
 The model is a timm ``VisionTransformer`` with one token per pixel (8x8 -> 64 patch tokens +
-a class token), see :mod:`atc_patch.digits`. The 1797 images are split 70/30 (stratified,
+a class token), see :mod:`atc_patch.demo.digits`. The 1797 images are split 70/30 (stratified,
 ``random_state=0``); the test split is stored next to the weights so the demo needs neither
 scikit-learn nor a download. Needs scikit-learn, timm and safetensors.
 """
@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from atc_patch.digits import MEAN, PIXEL_MAX, STD, build_model, count_correct, normalize
+from atc_patch.demo.digits import MEAN, PIXEL_MAX, STD, build_model, count_correct, normalize
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "src" / "atc_patch" / "data"
 
-# The architecture, stored verbatim in the weights' metadata (see atc_patch.digits.build_model).
+# The architecture, stored verbatim in the weights' metadata (atc_patch.demo.digits.build_model).
 MODEL_CONFIG = {
     "img_size": 8,
     "patch_size": 1,
@@ -118,7 +118,7 @@ def train(args: argparse.Namespace) -> dict[str, str]:
     train_args = {k: v for k, v in vars(args).items() if k != "output_dir"}
     meta = {
         "config": json.dumps(MODEL_CONFIG),  # drop_path is training-only: not part of it
-        "embedding": "atc_patch.digits.PixelEmbed (3x3 conv, stride 1)",
+        "embedding": "atc_patch.demo.digits.PixelEmbed (3x3 conv, stride 1)",
         "normalize": json.dumps({"pixel_max": PIXEL_MAX, "mean": MEAN, "std": STD}),
         "test_correct": str(correct),
         "test_size": str(len(y_te)),

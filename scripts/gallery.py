@@ -19,7 +19,7 @@ import torch
 
 import atc_patch
 from atc_patch import demo
-from atc_patch.digits import load_model, load_test_split, normalize
+from atc_patch.demo.digits import load_model, load_test_split, normalize
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "gallery"
 PICTURES = ("clusters", "accuracy", "kernel", "sd")
@@ -120,7 +120,7 @@ def kernel(out: Path, batch: int = 16, repeats: int = 15) -> None:
 
 def sd(out: Path, repeats: int = 3) -> None:
     """UNet step time against ratio, relative to the unpatched step."""
-    from atc_patch.sd_models import build_unet, unet_inputs
+    from atc_patch.testing import build_unet, unet_inputs
 
     unet = build_unet("tiny-sd")
     inputs = unet_inputs(unet, batch=2, height=64, width=64)

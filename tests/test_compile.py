@@ -57,7 +57,7 @@ def test_cluster_tokens_compiles_to_the_custom_op() -> None:
 
 @pytest.mark.parametrize("method", ["atc", "tome_sd"])
 def test_compiled_unet_matches_eager(method: str) -> None:
-    from atc_patch.sd_models import build_unet, unet_inputs
+    from atc_patch.testing import build_unet, unet_inputs
 
     torch._dynamo.reset()
     unet = build_unet("tiny-sd")

@@ -15,7 +15,8 @@ import timm  # noqa: F401
 import torch
 
 import atc_patch  # noqa: E402
-from atc_patch import demo, digits  # noqa: E402
+from atc_patch import demo
+from atc_patch.demo import digits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

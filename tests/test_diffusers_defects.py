@@ -17,7 +17,7 @@ import torch
 
 import atc_patch
 from atc_patch.patch.diffusers import METHOD_OPTIONS, METHODS, transformer_blocks
-from atc_patch.sd_models import build_tiny_pipeline, build_unet, unet_inputs
+from atc_patch.testing import build_tiny_pipeline, build_unet, unet_inputs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "diffusers.md"
 _UNET = build_unet("tiny-sd")

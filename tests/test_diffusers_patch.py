@@ -14,7 +14,7 @@ import transformers  # noqa: F401
 
 import atc_patch  # noqa: E402
 from atc_patch.patch.diffusers import transformer_blocks  # noqa: E402
-from atc_patch.sd_models import build_tiny_pipeline, build_unet, unet_inputs  # noqa: E402
+from atc_patch.testing import build_tiny_pipeline, build_unet, unet_inputs  # noqa: E402
 
 METHODS = [("atc", {"linkage": "average"}), ("tome_sd", {}), ("tome", {})]
 

@@ -12,9 +12,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import atc_patch
-from atc_patch.dit_models import build_transformer, transformer_inputs
 from atc_patch.kernel import cluster_tokens
 from atc_patch.patch.dit import transformer_blocks
+from atc_patch.testing import build_transformer, transformer_inputs
 
 FAMILIES = ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
 METHODS = [
@@ -471,7 +471,7 @@ def test_unsupported_transformer_is_a_type_error():
 
 @pytest.mark.parametrize("kind", ["tiny-flux", "tiny-dit"])
 def test_pipeline_patch_and_remove(kind):
-    from atc_patch.dit_models import build_tiny_pipeline, tiny_pipeline_call_kwargs
+    from atc_patch.testing import build_tiny_pipeline, tiny_pipeline_call_kwargs
 
     pipe = build_tiny_pipeline(kind)
     kw = dict(num_inference_steps=2, output_type="np", **tiny_pipeline_call_kwargs(kind))
@@ -496,7 +496,7 @@ def test_pipeline_patch_and_remove(kind):
 def test_pipeline_or_transformer_either_way_round():
     """Patch the pipeline or its transformer; read settings from, re-patch and remove through
     either (issue 10, item 2, for this family); a pipeline-patched transformer pickles."""
-    from atc_patch.dit_models import build_tiny_pipeline
+    from atc_patch.testing import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-dit")
     for patched, other in ((pipe, pipe.transformer), (pipe.transformer, pipe)):

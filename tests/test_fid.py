@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from atc_patch.fid import feature_statistics, fid_from_features, frechet_distance
+from atc_patch.train.fid import feature_statistics, fid_from_features, frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ predicts once. Nothing is downloaded (the hub path uses a temporary offline cach
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mmcv.ops  # noqa: F401
@@ -273,3 +274,16 @@ def test_unsafe_detector_checkpoint_refused(detector, ref_file, tmp_path) -> Non
     torch.save(bad, path)
     with pytest.raises(pt.UnsafeCheckpointError, match="PosixPath|WindowsPath"):
         load_checkpoint(detector, f"atc://{path}")
+    marker = tmp_path / "executed"
+    torch.save(dict(ckpt, hook=_Evil(str(marker))), path)  # unpickling would run os.system
+    with pytest.raises(pt.UnsafeCheckpointError, match="posix.system|os.system|nt.system"):
+        load_checkpoint(detector, f"atc://{path}")
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

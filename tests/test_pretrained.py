@@ -10,7 +10,11 @@ weights. The weights are strided views of one random pool, so a DeiT-B file stay
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import atc_patch
-import atc_patch.timm_models  # noqa: F401  (registers atc_* / tome_*)
+import atc_patch.pretrained.timm_models  # noqa: F401  (registers atc_* / tome_*)
 from atc_patch import pretrained as pt
 
 WIDTH = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
@@ -496,10 +500,100 @@ def test_timm_pretrained_offline(hub_cache) -> None:
         timm.create_model("tome_tiny_patch16_224", pretrained=True, dataset="nab")
 
 
+def test_timm_fb_in1k_weights_offline(hub_cache) -> None:
+    """The .fb_in1k tag reads timm's DeiT weights (model.safetensors of timm's hub repository)
+    through the same reader; timm drops a head of another size, as it does for its own."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        shapes = timm.create_model("deit_tiny_patch16_224").state_dict()
+    g = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in shapes.items()}
+    path = hub_cache("timm/deit_tiny_patch16_224.fb_in1k", "model.safetensors", {})
+    save_file(weights, str(path))
+    model = timm.create_model("tome_tiny_patch16_224", pretrained=True, num_classes=10)
+    own = model.state_dict()
+    assert own["head.weight"].shape == (10, 192)
+    assert all(torch.equal(own[k], v) for k, v in weights.items() if not k.startswith("head."))
+    assert atc_patch.patch_settings(model)["method"] == "tome"
+
+
+# --- every way a checkpoint enters is read weights-only ------------------------------------------
+
+
+def _evil_checkpoint(marker: Path) -> dict:
+    ckpt = reference_checkpoint("tiny", "im1k")
+    ckpt["hook"] = _Evil(str(marker))
+    return ckpt
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _serve(folder: Path):
+    """``http://127.0.0.1:<port>`` serving ``folder``, for the length of the block."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_web_urls_are_read_weights_only(tmp_path, monkeypatch) -> None:
+    """A web URL (the training scripts' --teacher-path https://...) is downloaded into torch's hub
+    cache, as torch.hub does, and read by the same weights-only reader: refused, not run."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    marker, served = tmp_path / "executed", tmp_path / "served"
+    served.mkdir()
+    torch.save(_evil_checkpoint(marker), served / "teacher.pth")
+    torch.save({"model": {"w": torch.ones(2)}}, served / "fine.pth")
+    with _serve(served) as base:
+        with pytest.raises(pt.UnsafeCheckpointError, match="posix.system|os.system|nt.system"):
+            pt.load_checkpoint(f"{base}/teacher.pth", any_url=True)
+        fine = pt.load_checkpoint(f"{base}/fine.pth", any_url=True)
+        assert torch.equal(fine["model"]["w"], torch.ones(2))
+        with pytest.raises(ValueError, match="not a Hugging Face hub file URL"):
+            pt.load_checkpoint(f"{base}/fine.pth")  # web URLs only where the caller allows them
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "teacher.pth"
+    assert cached.exists()
+    with pytest.raises(pt.UnsafeCheckpointError):  # the cached copy, read again without a server
+        pt.load_checkpoint(f"{base}/teacher.pth", any_url=True)
+    assert not marker.exists()
+
+
+def test_hub_and_timm_paths_refuse_unsafe_pickles(hub_cache, tmp_path) -> None:
+    marker = tmp_path / "executed"
+    repo, name = "joakimbh/atc_tiny-im1k-average", release_name("tiny", "im1k", 0.7, "average")
+    file = hub_cache(repo, name, _evil_checkpoint(marker))
+    entries = {
+        "load_pretrained(repo, keep_rate)": lambda: atc_patch.load_pretrained(repo, keep_rate=0.7),
+        "load_pretrained(hub URL)": lambda: atc_patch.load_pretrained(
+            f"https://huggingface.co/{repo}/resolve/main/{name}"
+        ),
+        "load_checkpoint(hub id)": lambda: pt.load_checkpoint(f"{repo}/{name}"),
+        "timm pretrained=True": lambda: timm.create_model("atc_tiny_patch16_224", pretrained=True),
+        "timm pretrained_cfg_overlay file": lambda: timm.create_model(
+            "tome_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(file))
+        ),
+    }
+    for what, load in entries.items():
+        with pytest.raises(pt.UnsafeCheckpointError, match="posix.system|os.system|nt.system"):
+            load()
+        assert not marker.exists(), what
+
+
 # --- timm names ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", atc_patch.timm_models.MODEL_NAMES)
+@pytest.mark.parametrize("name", atc_patch.pretrained.timm_models.MODEL_NAMES)
 def test_timm_registry(name) -> None:
     """Every name, bare and with overrides (on the meta device: no init); tiny ones also run."""
     method, size = name.split("_")[:2]
@@ -573,6 +667,63 @@ def test_save_pretrained_roundtrip(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="needs the EMA weights"):
         pt.save_pretrained(model, path, ema_best=True)
+
+
+def _hf_vit() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=4,
+        num_labels=3,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (lambda: timm.create_model("deit3_small_patch16_224", img_size=64), "layer scale"),
+        (lambda: timm.create_model("vit_small_patch16_224", img_size=64, reg_tokens=4), "register"),
+        (
+            lambda: timm.create_model("vit_small_patch16_224", img_size=64, global_pool="avg"),
+            "global_pool='avg'",
+        ),
+        (_hf_vit, "transformers"),
+    ],
+    ids=["deit3", "reg_tokens", "global_pool_avg", "transformers_vit"],
+)
+def test_save_pretrained_refuses_what_load_pretrained_cannot_read(build, reason, tmp_path) -> None:
+    """Models load_pretrained cannot rebuild are refused at save time with the reason, and
+    nothing is written; the training writer still writes them, and load_pretrained then says
+    the same reason instead of a raw load_state_dict error."""
+    torch.manual_seed(0)
+    model = build()
+    atc_patch.apply_patch(model, method="atc", r=2)
+    path = tmp_path / "ckpt.pth"
+    with pytest.raises(ValueError, match=f"not saved: load_pretrained could not read .*{reason}"):
+        pt.save_pretrained(model, path)
+    with pytest.raises(ValueError, match=reason):
+        pt.save_pretrained(timm.create_model("deit_tiny_patch16_224"), path, model_ema=model)
+    assert not path.exists()
+    pt.write_checkpoint(model, path)  # what train_deit.py --model <any timm name> writes
+    with pytest.raises(ValueError, match=reason):
+        atc_patch.load_pretrained(path)
+
+
+def test_timm_names_reject_method() -> None:
+    """The name fixes the method: method= is a ValueError naming the valid keywords."""
+    with torch.device("meta"):
+        with pytest.raises(ValueError, match=r"use 'tome_tiny_patch16_224'.*keep_rate.*linkage"):
+            timm.create_model("atc_tiny_patch16_224", method="tome")
+        with pytest.raises(ValueError, match=r"deit_small_patch16_224.*apply_patch"):
+            timm.create_model("tome_small_patch16_224", method="kmedoids")
+        with pytest.raises(ValueError, match="prop_attn or proportional_attn"):
+            timm.create_model("atc_tiny_patch16_224", prop_attn=True, proportional_attn=True)
 
 
 def test_distilled_roundtrip(tmp_path) -> None:

@@ -182,7 +182,7 @@ def test_finetune_drops_head_and_resamples_pos_embed():
 
 
 def test_model_names_and_reduction_flags():
-    # atc_* / tome_* are timm registry names (atc_patch.timm_models), tags allowed.
+    # atc_* / tome_* are timm registry names (atc_patch.pretrained.timm_models), tags allowed.
     spec = resolve_model("atc_small_patch16_224")
     assert (spec.timm_name, spec.method, spec.registered) == ("atc_small_patch16_224", "atc", True)
     assert (

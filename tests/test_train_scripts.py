@@ -101,7 +101,7 @@ class FakeWandb(types.ModuleType):
 
 def readme(name: str) -> list[str]:
     """The command of the reference README that runs ``name`` (its flags, split like a shell)."""
-    text = ROOT.parent.parent / "shared" / "reference" / "ATC_official_README.md"
+    text = ROOT.parent / "shared" / "reference" / "ATC_official_README.md"
     if not text.exists():  # the README commands, verbatim, for runs outside the workspace
         text = None
     commands = {
@@ -260,6 +260,47 @@ def test_readme_off_the_shelf_command(data, tmp_path):
     assert [r["r"] for r in rows] == list(range(0, 50, 5))
     csv_path = tmp_path / "decrease" / "swag_vit_base_patch16_32_atc_single.csv"
     assert csv_path.read_text().splitlines()[0].startswith("Model;Img_Size;r;Top-1;Top-5")
+
+
+def test_off_the_shelf_augreg_builds_the_model_at_input_size(data, tmp_path):
+    """--model-type augreg builds timm's model at --input-size, as swag and mae do (before, the
+    model kept its 224 px and a 32 px evaluation crashed)."""
+    argv = [
+        "--data",
+        str(data / "imagefolder"),
+        "--model-type",
+        "augreg",
+        "--model-name",
+        "vit_tiny_patch16_224",
+        "--input-size",
+        "32",
+        "--r",
+        "0",
+        "1",
+        "--merge_fn",
+        "atc",
+        "--linkage",
+        "single",
+        "--no-pretrained",
+        "--num_images",
+        "4",
+        "--batch_size",
+        "4",
+        "--workers",
+        "0",
+        "--results-dir",
+        str(tmp_path),
+        "--no_progress",
+        "--device",
+        "cpu",
+    ]
+    torch.set_num_threads(1)
+    script = _script("benchmarks/off_the_shelf.py")
+    rows = script.reference_study(script.parse_args(argv))
+    assert [r["r"] for r in rows] == [0, 1]
+    csv_path = tmp_path / "constant" / "augreg_vit_tiny_patch16_224_32_atc_single.csv"
+    first = csv_path.read_text().splitlines()[1].split(";")
+    assert first[:3] == ["vit_tiny_patch16_224", "32", "0"]
 
 
 @pytest.mark.parametrize("dataset", ["coco", "nuswide"])
@@ -468,6 +509,45 @@ def test_deit_hard_distillation(data, tmp_path):
     )
     assert res["model"].dist_token is not None  # the distilled DeiT
     assert res["rows"][-1]["train_loss"] > 0
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_flags_are_read_weights_only(data, tmp_path, monkeypatch):
+    """--teacher-path (also https://, read from torch's hub cache as torch.hub would),
+    --finetune and --resume go through the one weights-only reader: a pickled os.system is
+    refused with its name and never runs."""
+    import argparse
+
+    from atc_patch.pretrained import UnsafeCheckpointError
+    from atc_patch.train.recipe import build_teacher
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    marker = tmp_path / "executed"
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    evil = {"model": teacher.state_dict(), "payload": _Evil(str(marker))}
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(evil, cache / "regnety_teacher.pth")
+    torch.save(evil, tmp_path / "x")
+    env = argparse.Namespace(device=torch.device("cpu"))
+    for path in ("https://example.com/regnety_teacher.pth", str(tmp_path / "x")):
+        args = argparse.Namespace(
+            distillation_type="hard", teacher_model="resnet10t", teacher_path=path
+        )
+        with pytest.raises(UnsafeCheckpointError, match="system"):
+            build_teacher(args, 10, env)
+    for flag in ("--finetune", "--resume"):
+        argv = digits_flags(data, "--epochs", "1", "--output_dir", "", flag, str(tmp_path / "x"))
+        with pytest.raises(UnsafeCheckpointError, match="system"):
+            train_deit(argv)
+    assert not marker.exists()
 
 
 def test_registry_model_checkpoint_loads_with_load_pretrained(data, tmp_path, monkeypatch):

@@ -117,7 +117,7 @@ def test_patch_functions_accept_backend() -> None:
 def test_unet_patch_backend_option() -> None:
     """``backend`` is an ``"atc"`` option of the diffusers patch: reported, checked, the same
     outputs on the CPU ("auto" runs the torch rounds there); other methods reject it."""
-    from atc_patch.sd_models import build_unet, unet_inputs
+    from atc_patch.testing import build_unet, unet_inputs
 
     unet = build_unet("tiny-sd")
     inputs = unet_inputs(unet, batch=2, height=16, width=16)

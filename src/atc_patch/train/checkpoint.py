@@ -4,12 +4,14 @@ A training checkpoint is a ``torch.save`` dict with the keys of :data:`CHECKPOIN
 ``model`` (the model's ``state_dict``), ``model_ema`` (the EMA model's ``state_dict`` or
 ``None``), ``ema_best`` (whether the EMA weights scored best), ``optimizer``,
 ``lr_scheduler``, ``epoch`` (the last finished epoch, 0-based), ``scaler`` (AMP loss-scaler
-state or ``None``) and ``args`` (the run's ``argparse.Namespace``). The ATC release and these
-scripts write the same layout, through the same writer (:func:`atc_patch.save_pretrained`), so
-:func:`atc_patch.load_pretrained` loads ours as it loads the released files.
+state or ``None``) and ``args`` (the run's ``argparse.Namespace``), written by
+:func:`atc_patch.pretrained.write_checkpoint` (so :func:`atc_patch.load_pretrained` loads a
+DeiT's as it loads the released files) and read by the weights-only
+:func:`atc_patch.pretrained.load_checkpoint`::
 
-Reading is :func:`atc_patch.pretrained.load_checkpoint`: ``torch.load(weights_only=True)`` with
-only :data:`atc_patch.pretrained.SAFE_GLOBALS` (``argparse.Namespace``) allow-listed.
+    save_checkpoint("out/checkpoint.pth", model=model, model_ema=None, ema_best=False,
+                    optimizer=opt.state_dict(), lr_scheduler=sched.state_dict(), epoch=0,
+                    scaler=None, args=args)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from atc_patch.pretrained import load_checkpoint, save_pretrained
+from atc_patch.pretrained import load_checkpoint, write_checkpoint
 
 __all__ = ["CHECKPOINT_KEYS", "load_checkpoint", "load_finetune_weights", "save_checkpoint"]
 
@@ -41,7 +43,8 @@ def save_checkpoint(path: str | Path, **entries: Any) -> Path:
 
     ``model`` and ``model_ema`` may be modules (DDP / EMA wrappers are unwrapped; a patched
     model's settings go into ``args`` so :func:`atc_patch.load_pretrained` rebuilds it) or
-    state dicts. Delegates to :func:`atc_patch.save_pretrained`; returns the path written.
+    state dicts. Delegates to :func:`atc_patch.pretrained.write_checkpoint` (any model, not
+    only what :func:`atc_patch.save_pretrained` accepts); returns the path written.
 
     Raises:
         ValueError: missing or unknown keys (named), or ``ema_best`` without ``model_ema``.
@@ -53,7 +56,7 @@ def save_checkpoint(path: str | Path, **entries: Any) -> Path:
             f"checkpoint keys must be {list(CHECKPOINT_KEYS)}; missing {missing}, unknown {unknown}"
         )
     extra = {k: entries[k] for k in CHECKPOINT_KEYS[3:-1]}
-    return save_pretrained(
+    return write_checkpoint(
         entries["model"],
         path,
         model_ema=entries["model_ema"],

@@ -253,9 +253,10 @@ def model_builder(
 ) -> Callable[[int], nn.Module]:
     """``num_classes -> model``: create, load ``--finetune``, reduce.
 
-    ``atc_*`` / ``tome_*`` names go through the timm registry (:mod:`atc_patch.timm_models`),
-    which patches the model it builds: ``timm.create_model(name, linkage=..., keep_rate=...,
-    reduction_loc=..., proportional_attn=...)``. Other models are created by timm (or are the
+    ``atc_*`` / ``tome_*`` names go through the timm registry
+    (:mod:`atc_patch.pretrained.timm_models`), which patches the model it builds:
+    ``timm.create_model(name, linkage=..., keep_rate=..., reduction_loc=...,
+    proportional_attn=...)``. Other models are created by timm (or are the
     shipped digits ViT) and patched with ``atc_patch.apply_patch`` when ``--merge_fn`` /
     ``--r-count`` ask for it.
     """
@@ -282,7 +283,7 @@ def model_builder(
         else:
             model = create_model(spec, **create, **(kwargs or {}))
         if args.finetune:
-            state, _ = select_state_dict(load_checkpoint(args.finetune), ema=False)
+            state, _ = select_state_dict(load_checkpoint(args.finetune, any_url=True), ema=False)
             missing, unexpected = load_finetune_weights(model, state)
             print(f"finetune from {args.finetune}: missing {missing}, unexpected {unexpected}")
         if not spec.registered:

@@ -1,7 +1,7 @@
 """Model names of the ATC scripts -> timm models.
 
 ``atc_{tiny,small,base}_patch16_224`` and ``tome_{...}_patch16_224`` are the timm registry
-entries of :mod:`atc_patch.timm_models` (imported here): the scripts build them with
+entries of :mod:`atc_patch.pretrained.timm_models` (imported here): the scripts build them with
 ``timm.create_model(name, linkage=..., keep_rate=..., reduction_loc=...,
 proportional_attn=...)``, exactly as timm's own scripts would, and a pretrained tag may be named
 (``atc_small_patch16_224.im1k_complete_07`` starts from that released file; without a tag
@@ -9,7 +9,7 @@ training starts from timm's DeiT weights, ``.fb_in1k``, as the reference recipe 
 ``deit_{...}_patch16_224`` are timm's unreduced DeiTs (the reference's ``*_local`` spellings
 are accepted too). Any other timm model name is created as it is, and ``digits``
 (``atc_digits``, ``tome_digits``) is the small ViT shipped with atc_patch
-(:mod:`atc_patch.digits`, weights included).
+(:mod:`atc_patch.demo.digits`, weights included).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from atc_patch.pretrained import kept_tokens_to_r
-from atc_patch.timm_models import MODEL_NAMES
+from atc_patch.pretrained.timm_models import MODEL_NAMES
 
 METHODS = ("atc", "tome")
 DEIT_NAMES = tuple(f"deit_{s}_patch16_224" for s in ("tiny", "small", "base"))
@@ -40,7 +40,7 @@ class ModelSpec:
 
     ``timm_name`` is what ``timm.create_model`` is called with (a registry name, possibly with
     a pretrained tag, or ``"digits"``); ``method`` the reduction (``"atc"``, ``"tome"`` or
-    ``None``); ``registered``: the name is an :mod:`atc_patch.timm_models` entry, which
+    ``None``); ``registered``: the name is an :mod:`atc_patch.pretrained.timm_models` entry, which
     applies the reduction itself from the reduction keyword arguments.
     """
 
@@ -124,7 +124,7 @@ def create_model(
 
 
 def _digits(pretrained: bool, num_classes: int, img_size: int, **kwargs: Any) -> nn.Module:
-    from atc_patch.digits import build_model, load_model
+    from atc_patch.demo.digits import build_model, load_model
 
     from .checkpoint import load_finetune_weights
 

@@ -23,7 +23,6 @@ from inspect import signature
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
@@ -165,10 +164,7 @@ def build_teacher(args: argparse.Namespace, num_classes: int, env: DistEnv) -> n
     if not args.teacher_path:
         raise SystemExit("--distillation-type needs --teacher-path (the teacher's checkpoint)")
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes)
-    if args.teacher_path.startswith("https"):
-        ckpt = torch.hub.load_state_dict_from_url(args.teacher_path, map_location="cpu")
-    else:
-        ckpt = load_checkpoint(args.teacher_path)
+    ckpt = load_checkpoint(args.teacher_path, any_url=True)
     teacher.load_state_dict(select_state_dict(ckpt, ema=False)[0])
     return teacher.to(env.device).eval()
 
@@ -279,7 +275,7 @@ def run(args: argparse.Namespace, build_model: Callable[[int], nn.Module]) -> di
 
     start_epoch = args.start_epoch
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
+        ckpt = load_checkpoint(args.resume, any_url=True)
         model_without_ddp.load_state_dict(ckpt["model"])
         if not args.eval and all(ckpt.get(k) is not None for k in ("optimizer", "lr_scheduler")):
             optimizer.load_state_dict(ckpt["optimizer"])

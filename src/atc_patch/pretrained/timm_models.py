@@ -1,32 +1,15 @@
-"""ATC and ToMe DeiTs as timm models: ``import atc_patch.timm_models`` registers
+"""ATC and ToMe DeiTs as timm models: ``import atc_patch.pretrained.timm_models`` registers
 
 * ``atc_tiny_patch16_224``, ``atc_small_patch16_224``, ``atc_base_patch16_224``
 * ``tome_tiny_patch16_224``, ``tome_small_patch16_224``, ``tome_base_patch16_224``
 
 so that ``timm.create_model`` (and every timm-based script that calls it) builds a patched
-DeiT by name::
+DeiT by name; each released file is a pretrained tag (``.im1k_complete_07``), ``.fb_in1k`` is
+timm's DeiT reduced off the shelf. docs/pretrained.md lists the options::
 
-    import atc_patch.timm_models  # noqa: F401  (registers the names)
+    import atc_patch.pretrained.timm_models  # noqa: F401  (registers the names)
     model = timm.create_model("atc_small_patch16_224", linkage="complete", keep_rate=0.7,
                               reduction_loc=(3, 6, 9), proportional_attn=True, pretrained=True)
-
-Model options (besides timm's ``VisionTransformer`` ones, e.g. ``num_classes``, ``img_size``,
-``drop_path_rate``): ``linkage`` (ATC; default ``"average"``), ``keep_rate`` (default 0.7),
-``reduction_loc`` (default ``(3, 6, 9)``), ``proportional_attn`` / ``prop_attn`` (default
-``True``), or ``r`` / ``r_schedule`` instead of ``keep_rate``; ``trace_source``;
-``distilled=True`` for the DeiT with a distillation token (``VisionTransformerDistilled``, as
-``deit_*_distilled_patch16_224``; its ``.fb_in1k`` weights are timm's distilled DeiT's); and
-for the weights ``dataset`` (``"im1k"`` default, ``"nab"``, ``"coco"``, ``"nus"``) and ``ema``
-(``None`` follows the file's ``ema_best``).
-
-The training scripts (``examples/train_deit.py``, docs/training.md) build their ``atc_*`` /
-``tome_*`` models through these names.
-
-``pretrained=True`` goes through timm's own hub loading: each released file is a pretrained
-tag, ``atc_small_patch16_224.<dataset>_<linkage>_<rate>`` (e.g. ``.im1k_complete_07``) with
-``hf_hub_id`` / ``hf_hub_filename`` in its ``pretrained_cfg``. Without a tag the tag is chosen
-from ``dataset``, ``linkage`` and ``keep_rate``. ``.fb_in1k`` (the default of the ``tome_``
-names, which have no fine-tuned release) is timm's DeiT weights, reduced off the shelf.
 """
 
 from __future__ import annotations
@@ -34,25 +17,45 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    load_pretrained,
+)
 from timm.models import register_model as _register
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from . import pretrained as _pt
-from ._validate import as_float
-from .patch import apply_patch
+from .._validate import as_float
+from ..patch import apply_patch
+from .deit import eval_pretrained_cfg
+from .releases import (
+    DATASETS,
+    KEEP_RATES,
+    REDUCTION_LOC,
+    RELEASE_LINKAGES,
+    SIZES,
+    code_rate,
+    rate_code,
+    released_checkpoints,
+)
+from .safe_load import load_checkpoint, select_state_dict
+from .settings import ALIASES, REDUCTION_OPTIONS, resolve_aliases
 
-_REDUCTION_OPTIONS = ("linkage", "keep_rate", "reduction_loc", "r", "r_schedule", "trace_source")
+MODEL_NAMES = tuple(f"{m}_{s}_patch16_224" for m in ("atc", "tome") for s in SIZES)
+WEIGHT_OPTIONS = ("dataset", "ema", "distilled")
+"""Options of the registry entries besides timm's ``VisionTransformer`` ones and the
+reduction's (:data:`atc_patch.pretrained.settings.REDUCTION_OPTIONS`)."""
 
 
 def _release_tag(dataset: str, linkage: str, keep_rate: float) -> str:
-    return f"{dataset}_{linkage}_{_pt.rate_code(keep_rate)}"
+    return f"{dataset}_{linkage}_{rate_code(keep_rate)}"
 
 
 def _default_cfgs() -> dict[str, Any]:
     cfgs: dict[str, Any] = {}
-    for size in _pt.SIZES:
+    for size in SIZES:
         deit = get_pretrained_cfg(f"deit_{size}_patch16_224.fb_in1k")
         fb = deit.to_dict() if deit is not None else {}
         fb.pop("architecture", None)
@@ -60,11 +63,11 @@ def _default_cfgs() -> dict[str, Any]:
         fb.setdefault("hf_hub_id", f"timm/deit_{size}_patch16_224.fb_in1k")
         default = f"atc_{size}_patch16_224.{_release_tag('im1k', 'average', 0.7)}"
         cfgs[default] = None  # placeholder: the first tag of an architecture is its default
-        for release in _pt.released_checkpoints():
+        for release in released_checkpoints():
             if release.task != "classification" or release.size != size:
                 continue
             tag = _release_tag(release.dataset, release.linkage, release.keep_rate)
-            cfg = _pt.eval_pretrained_cfg(release.dataset, _pt.DATASETS[release.dataset])
+            cfg = eval_pretrained_cfg(release.dataset, DATASETS[release.dataset])
             cfg.update(hf_hub_id=release.repo_id, hf_hub_filename=release.filename)
             cfgs[f"atc_{size}_patch16_224.{tag}"] = cfg
         cfgs[f"atc_{size}_patch16_224.fb_in1k"] = dict(fb)
@@ -79,7 +82,7 @@ default_cfgs = generate_default_cfgs(_default_cfgs())
 
 def _filter(state_dict: dict, model: VisionTransformer, ema: bool | None) -> dict:
     """Released file (``model`` / ``model_ema`` / ``ema_best``) or timm weights -> state dict."""
-    weights, _ = _pt.select_state_dict(state_dict, ema)
+    weights, _ = select_state_dict(state_dict, ema)
     return checkpoint_filter_fn(weights, model, adapt_layer_scale=True)
 
 
@@ -88,13 +91,41 @@ def _tag_settings(tag: str | None) -> dict[str, Any]:
     if not tag or tag.count("_") != 2:
         return {}
     dataset, linkage, code = tag.split("_")
-    if dataset not in _pt.DATASETS or not code.isdigit():
+    if dataset not in DATASETS or not code.isdigit():
         return {}
-    return {"dataset": dataset, "linkage": linkage, "keep_rate": float(f"{code[0]}.{code[1:]}")}
+    return {"dataset": dataset, "linkage": linkage, "keep_rate": code_rate(code)}
 
 
-def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def _reduction(method: str, size: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the reduction options out of ``kwargs`` (aliases resolved).
+
+    Raises:
+        ValueError: ``method`` given (the name fixes it), naming the valid keywords.
+    """
+    if "method" in kwargs:
+        other = kwargs["method"]
+        named = f"{other}_{size}_patch16_224"
+        instead = (
+            f"use {named!r}"
+            if named in MODEL_NAMES
+            else f"build timm's 'deit_{size}_patch16_224' and call "
+            f"atc_patch.apply_patch(model, method={other!r}, ...)"
+        )
+        raise ValueError(
+            f"{method}_{size}_patch16_224 takes no method= (its name fixes method={method!r}); "
+            f"for method={other!r} {instead}. Valid keywords besides timm's VisionTransformer "
+            f"ones: {sorted([*REDUCTION_OPTIONS, *ALIASES, *WEIGHT_OPTIONS])}"
+        )
+    names = (*REDUCTION_OPTIONS, *ALIASES)
+    return resolve_aliases({k: kwargs.pop(k) for k in names if k in kwargs})
+
+
+def _create(
+    method: str, size: str, pretrained: bool = False, /, **kwargs: Any
+) -> VisionTransformer:
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    cache_dir = kwargs.pop("cache_dir", None)
     tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
     from_tag = _tag_settings(tag) if method == "atc" else {}
     dataset = kwargs.pop("dataset", from_tag.get("dataset", "im1k"))
@@ -102,20 +133,16 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
     distilled = kwargs.pop("distilled", False)
     if ema is not None and not pretrained:
         raise ValueError("ema chooses between the released weights: use it with pretrained=True")
-    if dataset not in _pt.DATASETS:
-        raise ValueError(f"dataset must be one of {list(_pt.DATASETS)}, got {dataset!r}")
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
 
-    patch: dict[str, Any] = {k: kwargs.pop(k) for k in _REDUCTION_OPTIONS if k in kwargs}
-    if "proportional_attn" in kwargs:
-        if "prop_attn" in kwargs:
-            raise ValueError("give prop_attn or proportional_attn (the same option), not both")
-        kwargs["prop_attn"] = kwargs.pop("proportional_attn")
-    patch["prop_attn"] = kwargs.pop("prop_attn", True)
+    patch = _reduction(method, size, kwargs)
+    patch.setdefault("prop_attn", True)
     if method == "atc":
         patch.setdefault("linkage", from_tag.get("linkage", "average"))
     if "r" not in patch and "r_schedule" not in patch:
         patch.setdefault("keep_rate", from_tag.get("keep_rate", 0.7))
-        patch.setdefault("reduction_loc", _pt.REDUCTION_LOC)
+        patch.setdefault("reduction_loc", REDUCTION_LOC)
 
     if pretrained_cfg is None and not distilled:
         try:
@@ -129,20 +156,40 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
     if distilled:
         cls, pretrained_cfg = VisionTransformerDistilled, _distilled_cfg(size, pretrained_cfg)
 
-    model_args = dict(patch_size=16, embed_dim=_pt.SIZES[size][0], depth=12)
-    model_args["num_heads"] = _pt.SIZES[size][1]
-    # Released files pickle their argparse.Namespace: let timm's weights-only load accept it.
-    with _pt.allow_safe_globals():
-        model = build_model_with_cfg(
-            cls,
-            f"{method}_{size}_patch16_224",
-            pretrained,
-            pretrained_cfg=pretrained_cfg,
-            pretrained_filter_fn=partial(_filter, ema=ema),
-            **dict(model_args, **kwargs),
+    name = f"{method}_{size}_patch16_224"
+    model_args = dict(patch_size=16, embed_dim=SIZES[size][0], depth=12, num_heads=SIZES[size][1])
+    model = build_model_with_cfg(
+        cls,
+        name,
+        False,
+        pretrained_cfg=pretrained_cfg,
+        pretrained_cfg_overlay=overlay,
+        **dict(model_args, **kwargs),
+    )
+    if pretrained:  # timm adapts the weights that the one weights-only loader read
+        cfg = model.pretrained_cfg
+        weights = load_checkpoint(_weights_source(cfg), any_url=True, cache_dir=cache_dir)
+        load_pretrained(
+            model,
+            pretrained_cfg={**cfg, "source": "", "state_dict": weights},
+            num_classes=model.num_classes,
+            in_chans=kwargs.get("in_chans", 3),
+            filter_fn=partial(_filter, ema=ema),
         )
     apply_patch(model, method=method, **patch)
     return model
+
+
+def _weights_source(cfg: dict[str, Any]) -> str:
+    """Where the weights of a resolved ``pretrained_cfg`` are: its ``file``, its hub file
+    (timm's ``model.safetensors`` unless it names one) or its ``url``."""
+    if cfg.get("file"):
+        return cfg["file"]
+    if cfg.get("hf_hub_id"):
+        return f"{cfg['hf_hub_id']}/{cfg.get('hf_hub_filename') or 'model.safetensors'}"
+    if cfg.get("url"):
+        return cfg["url"]
+    raise ValueError(f"no weights are known for {cfg.get('architecture')}.{cfg.get('tag')}")
 
 
 def _distilled_cfg(size: str, tag: Any) -> dict[str, Any]:
@@ -176,10 +223,10 @@ def _pick_release(method: str, size: str, dataset: str, patch: dict[str, Any]) -
             f"e.g. atc_{size}_patch16_224.{_release_tag(dataset, patch['linkage'], 0.7)}"
         )
     keep = as_float("keep_rate", keep)
-    if keep not in _pt.KEEP_RATES or patch["linkage"] not in _pt.RELEASE_LINKAGES:
+    if keep not in KEEP_RATES or patch["linkage"] not in RELEASE_LINKAGES:
         raise ValueError(
             f"no released atc_{size} file for linkage={patch['linkage']!r}, keep_rate={keep}: "
-            f"released linkages {list(_pt.RELEASE_LINKAGES)}, keep rates {list(_pt.KEEP_RATES)}. "
+            f"released linkages {list(RELEASE_LINKAGES)}, keep rates {list(KEEP_RATES)}. "
             f"To evaluate a released file at other settings name its tag, e.g. "
             f"timm.create_model('atc_{size}_patch16_224.{_release_tag(dataset, 'average', 0.7)}'"
             f", pretrained=True, keep_rate={keep})"
@@ -189,7 +236,7 @@ def _pick_release(method: str, size: str, dataset: str, patch: dict[str, Any]) -
 
 def _register_all() -> None:
     for method in ("atc", "tome"):
-        for size in _pt.SIZES:
+        for size in SIZES:
             name = f"{method}_{size}_patch16_224"
 
             def fn(
@@ -201,13 +248,11 @@ def _register_all() -> None:
             fn.__module__ = __name__
             fn.__doc__ = (
                 f"DeiT-{size.capitalize()} with {method.upper()} token reduction "
-                "(see atc_patch.timm_models)."
+                "(see atc_patch.pretrained.timm_models)."
             )
             globals()[name] = _register(fn)
 
 
 _register_all()
 
-MODEL_NAMES = tuple(f"{m}_{s}_patch16_224" for m in ("atc", "tome") for s in _pt.SIZES)
-
-__all__ = ["MODEL_NAMES", "default_cfgs"]
+__all__ = ["MODEL_NAMES", "WEIGHT_OPTIONS", "default_cfgs"]

@@ -1,17 +1,15 @@
 """The small ViT that ships with atc_patch, and the digits test split it is evaluated on.
 
-    from atc_patch.digits import load_model, load_test_split
+A timm ``VisionTransformer`` on scikit-learn's 8x8 digits with one token per pixel (64 patch
+tokens + a class token) and a 3x3 convolutional token embedding (:class:`PixelEmbed`). Weights
+and test split are ``safetensors`` files in ``atc_patch/demo/data`` (no pickle), written by
+``examples/train_digits.py``; docs/demo.md tells how it was trained. Needs timm and
+safetensors (the ``timm`` extra)::
+
+    from atc_patch.demo.digits import load_model, load_test_split, normalize
     model, info = load_model()                # timm VisionTransformer, eval mode
     images, labels = load_test_split()        # uint8 (540, 1, 8, 8) in 0..16, int64 (540,)
     logits = model(normalize(images))
-
-The model is a timm ``VisionTransformer`` on scikit-learn's 8x8 digits with one token per
-pixel (64 patch tokens + a class token). Its only non-default part is the token embedding: a
-3x3 convolution (stride 1) instead of timm's 1x1 "patch" projection, so each pixel token sees
-its neighbours; it trains in a couple of minutes on a CPU where a 1x1 embedding plateaus.
-Weights and the test split are ``safetensors`` files in ``atc_patch/data`` (no pickle), written
-by ``examples/train_digits.py``; the architecture is stored in the weights' metadata. Needs
-timm and safetensors (the ``timm`` extra).
 """
 
 from __future__ import annotations
@@ -73,8 +71,8 @@ class ModelInfo:
 
 
 def data_path(name: str) -> Path:
-    """Path of a file in the installed ``atc_patch/data`` directory."""
-    return Path(str(resources.files("atc_patch") / "data" / name))
+    """Path of a file in the installed ``atc_patch/demo/data`` directory."""
+    return Path(str(resources.files("atc_patch.demo") / "data" / name))
 
 
 def read_info(metadata: dict[str, str]) -> ModelInfo:

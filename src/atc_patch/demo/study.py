@@ -1,29 +1,16 @@
-"""The main job: how much accuracy each token-reduction method keeps as tokens are removed.
+"""The demo's study: every token-reduction method on one model, measured and reported.
 
-    atc-patch                       # or: python -m atc_patch
-    atc-patch --quick --output_dir /tmp/demo
+:func:`run_study` evaluates a model unpatched and then patched with each method at each
+schedule (``apply_patch`` options), returning one :class:`Result` per run (accuracy, forward
+time, tokens actually kept); :func:`format_table`, :func:`write_csv`, :func:`plot_accuracy`
+and :func:`plot_clusters` report them. ``benchmarks/off_the_shelf.py`` reuses them::
 
-Runs offline on the small ViT that ships with the package (:mod:`atc_patch.digits`: 8x8 digits,
-one token per pixel) and its held-out test split. For the unpatched model and for every method
-(ATC with single, complete and average linkage, ToMe, K-Medoids, DPC-KNN) at several keep
-rates it measures test accuracy, throughput and the tokens that are left, then writes
-
-* ``results.csv`` and the printed table,
-* ``accuracy_vs_tokens.png``: accuracy against the patch tokens kept after the last reduction,
-* ``clusters.png``: which pixels ATC (each linkage) and ToMe merged, over a few test digits,
-  each cluster in one colour of its own.
-
-Every method runs the same schedule (``keep_rate`` with ``reduction_loc``: after the ``j``-th
-reduction block the target is ``int(64 * keep_rate ** (j + 1))`` patch tokens). ToMe removes at
-most half of the tokens in one step, so below ``keep_rate=0.5`` it keeps more than the target
-(a warning says so); the table, the CSV and the plots report the tokens each method actually
-kept (``tokens``, ``kept``), measured in the forward passes. The study functions here are
-reused by ``benchmarks/off_the_shelf.py``.
+    results = run_study(model, [(x, y)], [{"keep_rate": 0.5, "reduction_loc": (1, 2, 3)}])
+    print(format_table(results))
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import time
@@ -36,8 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._cli import positive_int
-from .patch import apply_patch, patch_settings, remove_patch
+from ..patch import apply_patch, patch_settings, remove_patch
 
 # (label, method, linkage) of every method the demo compares, in table order.
 METHODS: tuple[tuple[str, str, str | None], ...] = (
@@ -300,8 +286,8 @@ def plot_clusters(
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from ..vis import last_source, make_visualization
     from .digits import PIXEL_MAX, normalize
-    from .vis import last_source, make_visualization
 
     grey = (images[:, 0].float() / PIXEL_MAX * 255).round().to(torch.uint8).numpy()
     big = [np.repeat(np.kron(g, np.ones((scale, scale), np.uint8))[..., None], 3, -1) for g in grey]
@@ -335,109 +321,3 @@ def plot_clusters(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# --- the command --------------------------------------------------------------------------------
-
-
-def _keep_rate(text: str) -> float:
-    """argparse type: a keep rate in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The demo's arguments; bad values end in argparse's usage error (exit status 2)."""
-    return _parser().parse_args(argv)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="atc-patch",
-        description="Accuracy and throughput of every token-reduction method on the digits ViT "
-        "that ships with atc_patch (offline, about a minute on a CPU).",
-    )
-    p.add_argument("--output_dir", default="outputs/demo", help="where the CSV and PNGs go")
-    p.add_argument(
-        "--keep_rate", type=_keep_rate, nargs="+", default=None, help=f"default {KEEP_RATES}"
-    )
-    p.add_argument("--reduction_loc", type=int, nargs="+", default=list(REDUCTION_LOC))
-    p.add_argument("--batch_size", type=positive_int, default=270)
-    p.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=1,
-        help="timed passes per run (interleaved rounds, median kept)",
-    )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
-    )
-    p.add_argument("--quick", action="store_true", help="fewer images and keep rates (tests)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    return p
-
-
-def run_demo(argv: Sequence[str] | None = None) -> list[Result]:
-    """Run the demo; returns the results (also printed and written to ``--output_dir``)."""
-    from .digits import load_model, load_test_split, normalize
-    from .schedule import make_schedule
-
-    parser = _parser()
-    args = parser.parse_args(argv)
-    model, info = load_model()
-    try:  # reduction_loc must name blocks of the shipped model
-        make_schedule(keep_rate=0.5, reduction_loc=args.reduction_loc).per_block(
-            len(model.blocks), 64
-        )
-    except ValueError as e:
-        parser.error(f"argument --reduction_loc: {e}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    images, labels = load_test_split()
-    if args.quick:
-        images, labels = images[:48], labels[:48]
-    x = normalize(images)
-    batches = [
-        (x[i : i + args.batch_size], labels[i : i + args.batch_size])
-        for i in range(0, len(x), args.batch_size)
-    ]
-    keep_rates = args.keep_rate or (QUICK_KEEP_RATES if args.quick else KEEP_RATES)
-    loc = tuple(args.reduction_loc)
-    schedules = [{"keep_rate": k, "reduction_loc": loc} for k in keep_rates]
-
-    print(
-        f"digits ViT ({info.config['depth']} blocks, {info.config['embed_dim']}-dim, 64 pixel "
-        f"tokens + class token); {len(labels)} test images; recorded test accuracy "
-        f"{100 * info.test_accuracy:.2f}%"
-    )
-    results = run_study(
-        model, batches, schedules, progress=not args.no_progress, repeats=args.repeats
-    )
-    table = format_table(results)
-    print(table)
-    (out / "table.txt").write_text(table + "\n")
-    write_csv(results, out / "results.csv")
-    plot_accuracy(
-        results, out / "accuracy_vs_tokens.png", title="digits ViT: accuracy vs tokens kept"
-    )
-    vis_options = {"keep_rate": min(keep_rates), "reduction_loc": loc}
-    plot_clusters(model, images[: 3 if args.quick else 8], out / "clusters.png", vis_options)
-    print(f"wrote {out / 'results.csv'}, {out / 'accuracy_vs_tokens.png'}, {out / 'clusters.png'}")
-    return results
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """The ``atc-patch`` command (also ``python -m atc_patch``); see :func:`run_demo`."""
-    run_demo(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,9 @@
-"""Random-init Stable Diffusion parts built in memory (no download), for tests and benchmarks.
+"""Random-init ``UNet2DConditionModel`` in the SD 1.x, SD 2.x or SDXL layout, full size
+(``"sd15"``, ``"sd2"``, ``"sdxl"``) or tiny (``"tiny-sd"``, ``"tiny-sdxl"``: a few channels,
+the same block layout), and keyword inputs for one call::
 
-* :func:`unet_config` / :func:`build_unet`: a ``UNet2DConditionModel`` in the SD 1.x, SD 2.x or
-  SDXL layout, full size (``"sd15"``, ``"sd2"``, ``"sdxl"``) or tiny (``"tiny-sd"``,
-  ``"tiny-sdxl"``: a few channels, same block layout, runs in milliseconds on a CPU).
-* :func:`build_tiny_pipeline`: a complete tiny ``StableDiffusionPipeline`` (UNet, VAE, CLIP text
-  encoder, an in-memory CLIP tokenizer and a DDIM scheduler) that runs end to end offline.
-
-Weights are random: images are noise. What these are for is shapes, code paths and timing.
-Imports diffusers/transformers lazily, so importing :mod:`atc_patch` never needs them.
+    unet = build_unet("tiny-sdxl")
+    out = unet(**unet_inputs(unet, batch=2)).sample   # (2, 4, 16, 16)
 """
 
 from __future__ import annotations
@@ -16,14 +12,14 @@ from typing import Any
 
 import torch
 
-KINDS = ("tiny-sd", "tiny-sdxl", "sd15", "sd2", "sdxl")
+UNET_KINDS = ("tiny-sd", "tiny-sdxl", "sd15", "sd2", "sdxl")
 
 _SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
 
 def unet_config(kind: str = "tiny-sd") -> dict[str, Any]:
-    """``UNet2DConditionModel`` keyword arguments for one of :data:`KINDS`.
+    """``UNet2DConditionModel`` keyword arguments for one of :data:`UNET_KINDS`.
 
     The tiny configurations keep the real block layout: ``"tiny-sd"`` has attention at the
     latent resolution and at 1/2 (then a plain block), ``"tiny-sdxl"`` has none at the latent
@@ -91,7 +87,7 @@ def unet_config(kind: str = "tiny-sd") -> dict[str, Any]:
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text + 6 time ids
         )
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    raise ValueError(f"kind must be one of {UNET_KINDS}, got {kind!r}")
 
 
 def build_unet(kind: str = "tiny-sd", seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -136,69 +132,3 @@ def unet_inputs(
             time_ids=torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]] * batch),
         )
     return inputs
-
-
-def tiny_clip_tokenizer(model_max_length: int = 16):
-    """A working ``CLIPTokenizer`` built in memory: printable ASCII characters, no merges."""
-    from transformers import CLIPTokenizer
-
-    chars = [chr(i) for i in range(33, 127)]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-
-
-def build_tiny_pipeline(seed: int = 0):
-    """A tiny random-init ``StableDiffusionPipeline`` (SD 1.x layout) that runs fully offline.
-
-    Latents are 8x smaller than the image, as in SD: ``height=width=128`` gives 16x16 latents.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = build_unet("tiny-sd", seed=seed)
-        vae = AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-        ).eval()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        ).eval()
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
