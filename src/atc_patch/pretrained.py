@@ -62,6 +62,7 @@ PATCH_OPTIONS = (
     "reduction_loc",
     "prop_attn",
     "proportional_attn",
+    "size_mode",
     "r",
     "r_schedule",
     "trace_source",
@@ -570,9 +571,14 @@ def kept_tokens_to_r(
 
 
 def _merge_settings(
-    file: dict[str, Any], overrides: dict[str, Any], num_patches: int
+    file: dict[str, Any], overrides: dict[str, Any], num_patches: int, reference: bool = False
 ) -> dict[str, Any]:
-    """File settings updated by user ``overrides`` (which win; exclusive options drop)."""
+    """File settings updated by user ``overrides`` (which win; exclusive options drop).
+
+    ``reference``: the file was trained by the reference code (its ``args`` or a release name
+    say how it reduces), so ATC without proportional attention gets the reference's forward,
+    ``size_mode="reset"``, unless ``size_mode`` is given.
+    """
     overrides = dict(overrides)
     if "proportional_attn" in overrides:
         if "prop_attn" in overrides:
@@ -593,6 +599,9 @@ def _merge_settings(
     if "method" in overrides and overrides["method"] != "atc" and "linkage" not in overrides:
         out.pop("linkage", None)
     out.update(overrides)
+    prop_attn = as_bool("prop_attn", out.get("prop_attn", True))
+    if reference and out.get("method") == "atc" and not prop_attn:
+        out.setdefault("size_mode", "reset")  # the reference DeiT forgets sizes after a block
     return out
 
 
@@ -679,7 +688,12 @@ def load_pretrained(
         if "method" not in overrides:
             raise
         file_settings = {}
-    settings = _merge_settings(file_settings, overrides, arch.num_patches)
+    settings = _merge_settings(
+        file_settings,
+        overrides,
+        arch.num_patches,
+        reference=_is_reference(checkpoint, file_settings),
+    )
 
     model = _build_deit(arch, weights)
     method = settings.pop("method", None)
@@ -692,6 +706,13 @@ def load_pretrained(
         cfg.update(hf_hub_id=found.repo_id, hf_hub_filename=found.filename)
     model.pretrained_cfg = cfg
     return model
+
+
+def _is_reference(checkpoint: Any, settings: dict[str, Any]) -> bool:
+    """True when ``settings`` were read from the reference's ``args`` or a release name (not
+    from the settings :func:`save_pretrained` writes)."""
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    return bool(settings) and not isinstance(_arg(args, "atc_patch"), Mapping)
 
 
 def _build_deit(arch: Architecture, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -872,6 +893,8 @@ def _saved_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     if settings.get("linkage") is not None:
         out["linkage"] = settings["linkage"]
     out["prop_attn"] = bool(settings.get("prop_attn", True))
+    if settings.get("size_mode", "keep") != "keep":
+        out["size_mode"] = settings["size_mode"]
     return out
 
 

@@ -13,7 +13,9 @@ DeiT by name::
 Model options (besides timm's ``VisionTransformer`` ones, e.g. ``num_classes``, ``img_size``,
 ``drop_path_rate``): ``linkage`` (ATC; default ``"average"``), ``keep_rate`` (default 0.7),
 ``reduction_loc`` (default ``(3, 6, 9)``), ``proportional_attn`` / ``prop_attn`` (default
-``True``), or ``r`` / ``r_schedule`` instead of ``keep_rate``; ``trace_source``;
+``True``), or ``r`` / ``r_schedule`` instead of ``keep_rate``; ``size_mode`` (``atc_*``
+without proportional attention defaults to ``"reset"``, the reference DeiT's forward, see
+docs/pretrained.md); ``trace_source``;
 ``distilled=True`` for the DeiT with a distillation token (``VisionTransformerDistilled``, as
 ``deit_*_distilled_patch16_224``; its ``.fb_in1k`` weights are timm's distilled DeiT's); and
 for the weights ``dataset`` (``"im1k"`` default, ``"nab"``, ``"coco"``, ``"nus"``) and ``ema``
@@ -40,10 +42,18 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from . import pretrained as _pt
-from ._validate import as_float
+from ._validate import as_bool, as_float
 from .patch import apply_patch
 
-_REDUCTION_OPTIONS = ("linkage", "keep_rate", "reduction_loc", "r", "r_schedule", "trace_source")
+_REDUCTION_OPTIONS = (
+    "linkage",
+    "keep_rate",
+    "reduction_loc",
+    "r",
+    "r_schedule",
+    "size_mode",
+    "trace_source",
+)
 
 
 def _release_tag(dataset: str, linkage: str, keep_rate: float) -> str:
@@ -113,6 +123,8 @@ def _create(method: str, size: str, pretrained: bool = False, **kwargs: Any) -> 
     patch["prop_attn"] = kwargs.pop("prop_attn", True)
     if method == "atc":
         patch.setdefault("linkage", from_tag.get("linkage", "average"))
+        if not as_bool("prop_attn", patch["prop_attn"]):  # the reference DeiT's forward
+            patch.setdefault("size_mode", "reset")
     if "r" not in patch and "r_schedule" not in patch:
         patch.setdefault("keep_rate", from_tag.get("keep_rate", 0.7))
         patch.setdefault("reduction_loc", _pt.REDUCTION_LOC)

@@ -1,0 +1,291 @@
+"""What the golden reference tests and the scripts that record them share.
+
+The scripts in ``scripts/reference/`` run the official ATC code (github:JoakimHaurum/ATC) on
+small random-init models and store what it computes in ``tests/data/reference/*.npz``; the tests
+run atc_patch on the same models and compare. Both sides build their weights and inputs here, so
+nothing but this module (and no reference code) is needed to replay a golden file.
+
+* Weights: :func:`seeded_weights` gives every tensor of a state dict values drawn from a numpy
+  generator seeded by ``(seed, crc32(name))``, so a tensor's values depend only on its name and
+  shape, not on the model class, the parameter order or the library versions.
+* Inputs: :func:`seeded_images`.
+* Partitions: :func:`canonical` renumbers labels by first occurrence, so two label vectors
+  describe the same partition exactly when their canonical forms are equal.
+* Our side of a forward: :class:`PlanRecorder` (the merge plans a forward made, in order) and
+  :class:`BlockCounter` (the tokens each block hands on).
+* Golden files: :func:`save_golden` / :func:`load_golden`: one ``.npz`` per model path with a
+  ``meta`` JSON string (the reference commit, shims, settings) and arrays named
+  ``<setting>/<what>``.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import atc_patch
+from atc_patch.kernel.plan import MergePlan
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "reference"
+
+
+# --- weights and inputs --------------------------------------------------------------------------
+
+
+def _values(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    normal = rng.standard_normal(shape)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "running_var":
+        return 0.5 + rng.uniform(size=shape)
+    if leaf == "running_mean" or leaf.endswith("bias"):
+        return 0.1 * normal
+    if len(shape) == 1 and leaf == "weight":  # norm scales
+        return 1.0 + 0.2 * normal
+    if leaf.endswith("weight") and len(shape) >= 2:
+        return normal / np.sqrt(float(np.prod(shape[1:])))
+    return 0.5 * normal  # class tokens, position and level embeddings, gates
+
+
+def seeded_weights(
+    state_dict: Mapping[str, Tensor], seed: int, rename: Callable[[str], str] | None = None
+) -> dict[str, Tensor]:
+    """Values for every floating tensor of ``state_dict`` (others are copied), float64.
+
+    ``rename`` maps a key to the name its values are drawn for (to give two models with
+    different key names the same weights). Linear/conv weights are ``N(0, 1 / fan_in)``, norm
+    scales ``1 + 0.2 N``, biases ``0.1 N``, other parameters ``0.5 N``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            out[key] = value.clone()
+            continue
+        name = rename(key) if rename is not None else key
+        out[key] = torch.from_numpy(_values(name, tuple(value.shape), seed))
+    return out
+
+
+def seeded(model: nn.Module, seed: int, rename: Callable[[str], str] | None = None) -> nn.Module:
+    """``model`` in float64 with :func:`seeded_weights`, in eval mode."""
+    model = model.double()
+    model.load_state_dict(seeded_weights(model.state_dict(), seed, rename))
+    return model.eval()
+
+
+def seeded_images(seed: int, batch: int, size: int | tuple[int, int], channels: int = 3) -> Tensor:
+    """``(batch, channels, H, W)`` float64 standard-normal images."""
+    h, w = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng([seed, 7])
+    return torch.from_numpy(rng.standard_normal((batch, channels, h, w)))
+
+
+# --- partitions ----------------------------------------------------------------------------------
+
+
+def canonical(labels: np.ndarray | Tensor) -> np.ndarray:
+    """``(B, N)`` labels renumbered in order of first occurrence in each row (int16)."""
+    labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+    out = np.empty(labels.shape, dtype=np.int16)
+    for b, row in enumerate(labels.reshape(-1, labels.shape[-1])):
+        names: dict[int, int] = {}
+        out.reshape(-1, labels.shape[-1])[b] = [names.setdefault(int(v), len(names)) for v in row]
+    return out
+
+
+def composite(steps: Iterable[np.ndarray | Tensor]) -> list[np.ndarray]:
+    """The partitions of the input tokens after each merge step, canonical.
+
+    ``steps`` are the label vectors ``(B, N_k)`` of consecutive merges, each over the tokens the
+    previous one output, in their slot order. Composed, they say which input tokens share a
+    token after each step, whatever order each implementation keeps its tokens in. Steps that
+    merge nothing (the same number of clusters as before, e.g. a permutation) are dropped.
+    """
+    out: list[np.ndarray] = []
+    grid: np.ndarray | None = None
+    for labels in steps:
+        labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
+        grid = labels if grid is None else np.take_along_axis(labels, grid, axis=1)
+        part = canonical(grid)
+        clusters = int(part.max()) + 1 if part.size else 0
+        before = int(out[-1].max()) + 1 if out else part.shape[-1]
+        if clusters < before:
+            out.append(part)
+    return out
+
+
+class PlanRecorder:
+    """Record the merge plans atc_patch applies while the ``with`` block runs.
+
+    Every :class:`~atc_patch.kernel.plan.MergePlan` that merges something is recorded once, in
+    the order of its first use: ``labels`` (``(B, N)`` int64 numpy, the output slot of every
+    token), ``num_in``, ``num_out``. Identity plans (nothing merges) are not recorded.
+    """
+
+    def __init__(self) -> None:
+        self.plans: list[dict[str, Any]] = []
+        self._seen: set[int] = set()
+        self._orig = MergePlan.merge
+
+    def __enter__(self) -> PlanRecorder:
+        recorder, orig = self, self._orig
+
+        def merge(plan: MergePlan, x: Tensor, mode: str = "mean") -> Tensor:
+            if not plan.is_identity and id(plan) not in recorder._seen:
+                recorder._seen.add(id(plan))
+                recorder.plans.append(
+                    {
+                        "labels": plan.labels.cpu().numpy(),
+                        "num_in": plan.num_in,
+                        "num_out": plan.num_out,
+                        "plan": plan,  # keeps id() unique while recording
+                    }
+                )
+            return orig(plan, x, mode)
+
+        MergePlan.merge = merge  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        MergePlan.merge = self._orig  # type: ignore[method-assign]
+        for p in self.plans:
+            p.pop("plan", None)
+
+
+class BlockCounter:
+    """Tokens leaving each of ``blocks`` in the forwards run inside the ``with`` block.
+
+    Reads the first tensor of a block's output (a tensor, a tuple's first item, or ``.x``).
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module]) -> None:
+        self.blocks = list(blocks)
+        self.counts: list[int] = []
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> BlockCounter:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            x = out.x if hasattr(out, "x") else out[0] if isinstance(out, tuple) else out
+            self.counts.append(int(x.shape[1]))
+
+        self._hooks = [b.register_forward_hook(hook) for b in self.blocks]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+# --- golden files --------------------------------------------------------------------------------
+
+
+def save_golden(name: str, meta: dict[str, Any], arrays: Mapping[str, Any]) -> Path:
+    """Write ``tests/data/reference/<name>.npz`` (compressed) with ``meta`` as JSON."""
+    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+    path = GOLDEN_DIR / f"{name}.npz"
+    data = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez_compressed(path, meta=np.array(json.dumps(meta, sort_keys=True)), **data)
+    return path
+
+
+def load_golden(name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of ``tests/data/reference/<name>.npz``."""
+    with np.load(GOLDEN_DIR / f"{name}.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files if k != "meta"}
+        meta = json.loads(str(f["meta"]))
+    return meta, arrays
+
+
+# --- comparing a forward with a golden file ------------------------------------------------------
+
+
+def relative_error(ours: Tensor | np.ndarray, ref: np.ndarray) -> float:
+    """``max |ours - ref| / max |ref|`` (0 for two empty arrays)."""
+    ours = np.asarray(ours.detach().cpu() if isinstance(ours, Tensor) else ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        raise AssertionError(f"shape {ours.shape} != reference {ref.shape}")
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return float(np.abs(ours - ref).max()) / scale if ref.size else 0.0
+
+
+def compare(result: Mapping[str, Any], golden: Mapping[str, np.ndarray], prefix: str) -> dict:
+    """Agreement of one forward (``result``, from a ``run_*`` function below) with the golden
+    arrays ``<prefix>/...``: ``counts_equal``, ``partitions`` (equal, total; the composite
+    partitions of the input tokens, see :func:`composite`) and the relative error of every
+    float output."""
+    out: dict[str, Any] = {}
+    counts = golden[f"{prefix}/counts"]
+    out["counts_equal"] = list(result["counts"]) == counts.tolist()
+    ref = golden.get(f"{prefix}/labels", np.zeros((0,), np.int8))
+    ours = composite(result["partitions"])
+    equal = sum(1 for p, q in zip(ours, ref) if p.shape == q.shape and np.array_equal(p, q))
+    out["partitions"] = (equal if len(ours) == len(ref) else 0, len(ref))
+    for name, value in result["outputs"].items():
+        out[name] = relative_error(value, golden[f"{prefix}/{name}"])
+    return out
+
+
+def golden_arrays(prefix: str, result: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``result`` (counts, the label vectors of its merges, outputs) as golden arrays under
+    ``prefix`` (the partitions stored composite, see :func:`composite`)."""
+    arrays = {f"{prefix}/counts": np.asarray(result["counts"], dtype=np.int16)}
+    parts = composite(result["partitions"])
+    if parts:
+        arrays[f"{prefix}/labels"] = np.stack(parts).astype(np.int16)
+    for name, value in result["outputs"].items():
+        arrays[f"{prefix}/{name}"] = np.asarray(
+            value.detach().cpu() if isinstance(value, Tensor) else value, dtype=np.float64
+        )
+    return arrays
+
+
+# --- the cases: our side -------------------------------------------------------------------------
+
+# A DeiT shape small enough for tests: 64 px images in 8 px patches (64 patch tokens + class
+# token), 12 blocks so the paper's reduction_loc (3, 6, 9) applies.
+DEIT = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10)
+BATCH = 4
+
+
+def deit(seed: int, **kwargs: Any) -> nn.Module:
+    """timm's ``VisionTransformer`` of shape :data:`DEIT` (class token pooling), float64, eval,
+    with :func:`seeded_weights`."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return seeded(VisionTransformer(**{**DEIT, **kwargs}), seed)
+
+
+def run_vit(model: nn.Module, x: Tensor, features: bool = False) -> dict[str, Any]:
+    """One forward of a patched timm ViT: tokens after each block, the partition of every merge,
+    and the logits (``features=True``: also the pre-logits features)."""
+    with torch.no_grad(), PlanRecorder() as rec, BlockCounter(model.blocks) as cnt:
+        tokens = model.forward_features(x)
+    with torch.no_grad():
+        outputs = {"logits": model.forward_head(tokens)}
+        if features:
+            outputs["features"] = model.forward_head(tokens, pre_logits=True)
+    return {
+        "counts": cnt.counts,
+        "partitions": [p["labels"] for p in rec.plans],
+        "outputs": outputs,
+    }
+
+
+def ours_deit(setting: Mapping[str, Any], x: Tensor, seed: int, loc: tuple[int, ...]) -> dict:
+    """The ATC DeiT of ``ATC_setup`` the reference way: ``apply_patch(method="atc")`` with the
+    setting's ``linkage``, ``keep_rate``, ``prop_attn`` at ``loc``; without proportional
+    attention ``size_mode="reset"`` (the reference forgets token sizes after every block)."""
+    model = deit(seed)
+    size_mode = "keep" if setting["prop_attn"] else "reset"
+    atc_patch.apply_patch(
+        model, method="atc", reduction_loc=loc, size_mode=size_mode, **dict(setting)
+    )
+    return run_vit(model, x)
