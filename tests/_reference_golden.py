@@ -220,7 +220,7 @@ def compare(result: Mapping[str, Any], golden: Mapping[str, np.ndarray], prefix:
     """Agreement of one forward (``result``, from a ``run_*`` function below) with the golden
     arrays ``<prefix>/...``: ``counts_equal``, ``partitions`` (equal, total; the composite
     partitions of the input tokens, see :func:`composite`) and the relative error of every
-    float output."""
+    float output the golden file holds."""
     out: dict[str, Any] = {}
     counts = golden[f"{prefix}/counts"]
     out["counts_equal"] = list(result["counts"]) == counts.tolist()
@@ -229,7 +229,8 @@ def compare(result: Mapping[str, Any], golden: Mapping[str, np.ndarray], prefix:
     equal = sum(1 for p, q in zip(ours, ref) if p.shape == q.shape and np.array_equal(p, q))
     out["partitions"] = (equal if len(ours) == len(ref) else 0, len(ref))
     for name, value in result["outputs"].items():
-        out[name] = relative_error(value, golden[f"{prefix}/{name}"])
+        if f"{prefix}/{name}" in golden:
+            out[name] = relative_error(value, golden[f"{prefix}/{name}"])
     return out
 
 
@@ -263,20 +264,31 @@ def deit(seed: int, **kwargs: Any) -> nn.Module:
     return seeded(VisionTransformer(**{**DEIT, **kwargs}), seed)
 
 
-def run_vit(model: nn.Module, x: Tensor, features: bool = False) -> dict[str, Any]:
-    """One forward of a patched timm ViT: tokens after each block, the partition of every merge,
-    and the logits (``features=True``: also the pre-logits features)."""
-    with torch.no_grad(), PlanRecorder() as rec, BlockCounter(model.blocks) as cnt:
-        tokens = model.forward_features(x)
-    with torch.no_grad():
-        outputs = {"logits": model.forward_head(tokens)}
-        if features:
-            outputs["features"] = model.forward_head(tokens, pre_logits=True)
+def run_model(
+    model: nn.Module, blocks: Iterable[nn.Module], head: nn.Module, x: Tensor
+) -> dict[str, Any]:
+    """One forward ``model(x)``: the tokens leaving each of ``blocks``, the label vector of
+    every merge (in order), and the ``logits`` and pre-logits ``features`` (the input of
+    ``head``)."""
+    seen: list[Tensor] = []
+    hook = head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad(), PlanRecorder() as rec, BlockCounter(blocks) as cnt:
+            logits = model(x)
+    finally:
+        hook.remove()
     return {
         "counts": cnt.counts,
         "partitions": [p["labels"] for p in rec.plans],
-        "outputs": outputs,
+        "outputs": {"logits": logits, "features": seen[0]},
     }
+
+
+def run_vit(model: nn.Module, x: Tensor) -> dict[str, Any]:
+    """:func:`run_model` of a (patched) timm ViT, logits only."""
+    out = run_model(model, model.blocks, model.head, x)
+    del out["outputs"]["features"]
+    return out
 
 
 def ours_deit(setting: Mapping[str, Any], x: Tensor, seed: int, loc: tuple[int, ...]) -> dict:
@@ -289,3 +301,49 @@ def ours_deit(setting: Mapping[str, Any], x: Tensor, seed: int, loc: tuple[int, 
         model, method="atc", reduction_loc=loc, size_mode=size_mode, **dict(setting)
     )
     return run_vit(model, x)
+
+
+# The ATC repository's off-the-shelf study and MAE recipe (``SSLBackbone_setup``): ``r`` tokens
+# per block, constant or ToMe's decreasing ramp, on three backbones.
+SSL_MODELS = ("mae", "augreg", "swag")
+
+
+def ssl_model(kind: str, seed: int) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """``(model, blocks, head)`` of shape :data:`DEIT` for ``kind``: ``"mae"`` (timm ViT with
+    global average pooling and ``fc_norm``, as MAE's ``models_vit``), ``"augreg"`` (timm ViT,
+    class token) or ``"swag"`` (torchvision's ViT, the architecture of the SWAG weights)."""
+    if kind == "swag":
+        from torchvision.models.vision_transformer import VisionTransformer as TV
+
+        model = TV(
+            image_size=DEIT["img_size"],
+            patch_size=DEIT["patch_size"],
+            num_layers=DEIT["depth"],
+            num_heads=DEIT["num_heads"],
+            hidden_dim=DEIT["embed_dim"],
+            mlp_dim=4 * DEIT["embed_dim"],
+            num_classes=DEIT["num_classes"],
+        )
+        model = seeded(model, seed)
+        return model, list(model.encoder.layers), model.heads
+    model = deit(seed, global_pool="avg") if kind == "mae" else deit(seed)
+    return model, list(model.blocks), model.head
+
+
+def ours_ssl(kind: str, setting: Mapping[str, Any], x: Tensor, seed: int) -> dict[str, Any]:
+    """Our model for the reference flags ``--merge_fn``, ``--r``/``--r-count``, ``--r-sched``,
+    ``--linkage`` on ``kind``: what ``benchmarks/off_the_shelf.py`` and
+    ``examples/train_mae.py`` build (:func:`atc_patch.train.models.reference_r`; no
+    proportional attention on MAE, as the reference's MAE patch)."""
+    from atc_patch.train.models import reference_r
+
+    model, blocks, head = ssl_model(kind, seed)
+    method = setting["method"]
+    r = reference_r(method, setting["r"], setting["r_schedule"], len(blocks))
+    opts: dict[str, Any] = (
+        {"r": r} if isinstance(r, list) else dict(r=r, r_schedule=setting["r_schedule"])
+    )
+    if method == "atc":
+        opts["linkage"] = setting["linkage"]
+    atc_patch.apply_patch(model, method=method, prop_attn=kind != "mae", **opts)
+    return run_model(model, blocks, head, x)

@@ -11,8 +11,8 @@ are created in the default dtype). No shim is needed. Ours: the same weights in 
 ``VisionTransformer`` with ``apply_patch(method="atc", ...)``; without proportional attention
 with ``size_mode="reset"`` (the reference forgets token sizes after every block).
 
-Writes ``tests/data/reference/deit_{prop,noprop}.npz``: per setting the tokens after each block, the partition
-of every reduction (class token included) and the logits of 4 images.
+Writes ``tests/data/reference/deit_{prop,noprop}.npz``: per setting the tokens after each
+block, the partition of every reduction (class token included) and the logits of 4 images.
 """
 
 from __future__ import annotations

@@ -137,6 +137,24 @@ def _digits(pretrained: bool, num_classes: int, img_size: int, **kwargs: Any) ->
     return model
 
 
+def reference_r(method: str, r: int, r_schedule: str, num_blocks: int) -> int | list[int]:
+    """``r`` as the ATC repository's ``--r-count`` / ``--r`` flags mean it (its MAE recipe and
+    off-the-shelf patches, ``SSLBackbone_setup/token_reduc``), for ``apply_patch``.
+
+    ToMe removes ``r_l`` tokens in block ``l`` (``r`` in every block, or ToMe's ``parse_r``
+    ramp for ``r_schedule="decrease"``): ``r`` is returned as it is. The repository's ATC step
+    clusters the tokens after the class token into ``T - r_l`` clusters, ``T`` counting the
+    class token, so it removes ``r_l - 1`` tokens: returned as the per-block list
+    ``max(r_l - 1, 0)`` (e.g. ``--r-count 16`` removes 15 tokens per block).
+    """
+    if method != "atc":
+        return r
+    from atc_patch.schedule import make_schedule
+
+    ramp = make_schedule(r=r, r_schedule=r_schedule).per_block(num_blocks, 0)
+    return [max(v - 1, 0) for v in ramp]
+
+
 def reduction_options(
     method: str | None,
     keep_rate: Sequence[float] = (),
