@@ -347,3 +347,39 @@ def ours_ssl(kind: str, setting: Mapping[str, Any], x: Tensor, seed: int) -> dic
         opts["linkage"] = setting["linkage"]
     atc_patch.apply_patch(model, method=method, prop_attn=kind != "mae", **opts)
     return run_model(model, blocks, head, x)
+
+
+# The ATC repository's throughput benchmark (``ATC_Benchmark/models``): its ToMe DeiT, and the
+# clustering step of its DPC-KNN (TCFormer's ``cluster_dpc_knn`` on hidden states).
+
+
+def ours_benchmark_tome(
+    setting: Mapping[str, Any], x: Tensor, seed: int, loc: tuple[int, ...]
+) -> dict[str, Any]:
+    """The benchmark's ToMe DeiT: ``keep_rate`` at ``loc`` with the reference's fixed
+    per-location deltas (``keep_rate_mode="reference"``) and proportional attention."""
+    model = deit(seed)
+    atc_patch.apply_patch(
+        model,
+        method="tome",
+        keep_rate=setting["keep_rate"],
+        reduction_loc=loc,
+        keep_rate_mode="reference",
+        prop_attn=True,
+    )
+    return run_vit(model, x)
+
+
+def dpcknn_points(seed: int, batch: int, num_tokens: int, dim: int) -> Tensor:
+    """``(batch, num_tokens, dim)`` float64 points for the DPC-KNN clustering step."""
+    rng = np.random.default_rng([seed, 11])
+    return torch.from_numpy(rng.standard_normal((batch, num_tokens, dim)))
+
+
+def ours_dpcknn(points: Tensor, num_clusters: int, k: int) -> np.ndarray:
+    """Our DPC-KNN clustering on the benchmark's distance, ``cdist(x, x) / sqrt(C)``:
+    canonical ``(B, N)`` labels."""
+    from atc_patch.kernel.centers import dpcknn_labels
+
+    dist = torch.cdist(points, points) / points.shape[-1] ** 0.5
+    return canonical(dpcknn_labels(dist, num_clusters, k))

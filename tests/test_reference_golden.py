@@ -119,3 +119,24 @@ def test_size_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="prop_attn=False"):
         atc_patch.apply_patch(model, method="atc", r=2, size_mode="reset")
     assert atc_patch.patch_settings(model) is None  # a failed call leaves the model as it was
+
+
+# --- ATC_Benchmark: the throughput benchmark's ToMe DeiT and DPC-KNN clustering ------------------
+
+
+@pytest.mark.parametrize("key", [p.values[1] for p in settings("benchmark_tome")])
+def test_benchmark_tome(key: str) -> None:
+    meta, arrays = G.load_golden("benchmark_tome")
+    x = G.seeded_images(meta["seed"], meta["batch"], meta["shape"]["img_size"])
+    setting = meta["settings"][key]
+    result = G.ours_benchmark_tome(setting, x, meta["seed"], tuple(meta["reduction_loc"]))
+    assert_matches(result, arrays, key)
+
+
+@pytest.mark.parametrize("key", [p.values[1] for p in settings("benchmark_dpcknn")])
+def test_benchmark_dpcknn_clustering(key: str) -> None:
+    meta, arrays = G.load_golden("benchmark_dpcknn")
+    s = meta["settings"][key]
+    points = G.dpcknn_points(meta["seed"], **meta["points"])
+    ours = G.ours_dpcknn(points, s["num_clusters"], s["k_neighbors"])
+    np.testing.assert_array_equal(ours, arrays[f"{key}/labels"])
