@@ -21,6 +21,7 @@ nothing but this module (and no reference code) is needed to replay a golden fil
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -383,3 +384,72 @@ def ours_dpcknn(points: Tensor, num_clusters: int, k: int) -> np.ndarray:
 
     dist = torch.cdist(points, points) / points.shape[-1] ** 0.5
     return canonical(dpcknn_labels(dist, num_clusters, k))
+
+
+# The ATC paper's detection backbone (``MMDet_setup``): the ViT-Adapter of the
+# ``tomeatc-adapter-{t,s}`` configs, at a width small enough for tests.
+ADAPTER = dict(
+    pretrain_size=224,
+    embed_dim=48,
+    depth=12,
+    num_heads=3,
+    conv_inplane=16,
+    n_points=4,
+    deform_num_heads=6,
+    cffn_ratio=0.25,
+    deform_ratio=1.0,
+    interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
+)
+ADAPTER_IMAGE = 128  # an 8 x 8 grid of ViT tokens
+ADAPTER_BATCH = 2
+
+
+def adapter_reference_key(key: str) -> str:
+    """Our ``ViTAdapter`` key -> the reference ``ToMeATCViTAdapter``'s (the inverse of
+    :func:`atc_patch.mmdet.checkpoint.convert_backbone_key`)."""
+    return re.sub(r"(\.ffn\.dwconv)\.(weight|bias)$", r"\1.dwconv.\2", key)
+
+
+def project(maps: Tensor, seed: int, width: int = 8) -> Tensor:
+    """``(B, ...)`` -> ``(B, width)``: a fixed random projection (seeded by the shape), so a
+    golden file holds a few numbers per output map that move with every element of it."""
+    flat = maps.reshape(maps.shape[0], -1)
+    rng = np.random.default_rng([seed, flat.shape[1], width])
+    p = torch.from_numpy(rng.standard_normal((flat.shape[1], width)) / np.sqrt(flat.shape[1]))
+    return flat.to(torch.float64) @ p
+
+
+def ours_adapter(setting: Mapping[str, Any], x: Tensor, seed: int) -> dict[str, Any]:
+    """``atc_patch.mmdet.ViTAdapter`` with the reference configs' reduction (blocks 3, 6, 9;
+    ``keep_rate_mode="reference"``, as the packaged ``tomeatc-adapter`` configs): tokens after
+    each block, the partition of the grid after every merge, and the four output maps (each
+    by :func:`project`, stacked)."""
+    from atc_patch.mmdet import ViTAdapter
+
+    model = ViTAdapter(
+        **ADAPTER,
+        method=setting["method"],
+        linkage=setting.get("linkage"),
+        reduction_loc=(3, 6, 9),
+        reduction_ratio=setting["reduction_ratio"],
+        proportional_attn=setting["proportional_attn"],
+        keep_rate_mode="reference",
+    )
+    model = seeded(model, seed, rename=adapter_reference_key)
+    counts: list[int] = []
+    plans: list[np.ndarray] = []
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        counts.append(int(out[0].shape[1]))
+        if out[2] is not None:
+            plans.append(out[2].labels.cpu().numpy())
+
+    hooks = [b.register_forward_hook(hook) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            maps = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = torch.stack([project(m, seed) for m in maps])  # (4, B, 8)
+    return {"counts": counts, "partitions": plans, "outputs": {"maps": maps}}
