@@ -226,7 +226,7 @@ def compare(result: Mapping[str, Any], golden: Mapping[str, np.ndarray], prefix:
     counts = golden[f"{prefix}/counts"]
     out["counts_equal"] = list(result["counts"]) == counts.tolist()
     ref = golden.get(f"{prefix}/labels", np.zeros((0,), np.int8))
-    ours = composite(result["partitions"])
+    ours = list(stack_partitions(partitions_of(result), ref.shape[-1] if ref.size else 0))
     equal = sum(1 for p, q in zip(ours, ref) if p.shape == q.shape and np.array_equal(p, q))
     out["partitions"] = (equal if len(ours) == len(ref) else 0, len(ref))
     for name, value in result["outputs"].items():
@@ -235,13 +235,34 @@ def compare(result: Mapping[str, Any], golden: Mapping[str, np.ndarray], prefix:
     return out
 
 
+def partitions_of(result: Mapping[str, Any]) -> list[np.ndarray]:
+    """The partitions a golden file stores for ``result``: :func:`composite` of consecutive
+    merges (a ViT), or each merge's own canonical partition when ``result["independent"]``
+    (merges over the same full token grid, as the diffusion patch's blocks)."""
+    if result.get("independent"):
+        return [canonical(p) for p in result["partitions"]]
+    return composite(result["partitions"])
+
+
+def stack_partitions(parts: list[np.ndarray], width: int = 0) -> np.ndarray:
+    """``(P, B, N)`` int16 of partitions over up to ``N`` tokens (at least ``width``), shorter
+    ones padded with -1 (a diffusion UNet merges grids of several sizes)."""
+    if not parts:
+        return np.zeros((0,), np.int16)
+    n = max([width, *(p.shape[-1] for p in parts)])
+    out = np.full((len(parts), *parts[0].shape[:-1], n), -1, dtype=np.int16)
+    for i, p in enumerate(parts):
+        out[i, ..., : p.shape[-1]] = p
+    return out
+
+
 def golden_arrays(prefix: str, result: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``result`` (counts, the label vectors of its merges, outputs) as golden arrays under
     ``prefix`` (the partitions stored composite, see :func:`composite`)."""
     arrays = {f"{prefix}/counts": np.asarray(result["counts"], dtype=np.int16)}
-    parts = composite(result["partitions"])
+    parts = partitions_of(result)
     if parts:
-        arrays[f"{prefix}/labels"] = np.stack(parts).astype(np.int16)
+        arrays[f"{prefix}/labels"] = stack_partitions(parts)
     for name, value in result["outputs"].items():
         arrays[f"{prefix}/{name}"] = np.asarray(
             value.detach().cpu() if isinstance(value, Tensor) else value, dtype=np.float64
@@ -453,3 +474,62 @@ def ours_adapter(setting: Mapping[str, Any], x: Tensor, seed: int) -> dict[str, 
             h.remove()
     maps = torch.stack([project(m, seed) for m in maps])  # (4, B, 8)
     return {"counts": counts, "partitions": plans, "outputs": {"maps": maps}}
+
+
+# The ATC repository's Stable Diffusion patch (``SD_setup/token_reduc_sd``, ToMe-SD's recipe with
+# ATC as a second merge function) on the tiny SD 1.x-layout UNet of :mod:`atc_patch.sd_models`.
+SD_BATCH = 2  # even: the reference draws random destinations only for even batches
+
+
+def sd_unet(seed: int) -> nn.Module:
+    """The ``"tiny-sd"`` ``UNet2DConditionModel`` (16 x 16 latents), float64, seeded weights."""
+    from diffusers import UNet2DConditionModel
+
+    from atc_patch.sd_models import unet_config
+
+    return seeded(UNet2DConditionModel(**unet_config("tiny-sd")), seed)
+
+
+def sd_inputs(unet: nn.Module, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sample, timestep, encoder_hidden_states)`` float64, for a positional call."""
+    cfg = unet.config
+    rng = np.random.default_rng([seed, 13])
+    size = (SD_BATCH, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    sample = torch.from_numpy(rng.standard_normal(size))
+    context = torch.from_numpy(rng.standard_normal((SD_BATCH, 8, cfg.cross_attention_dim)))
+    return sample, torch.tensor(500), context
+
+
+def sd_options(setting: Mapping[str, Any]) -> dict[str, Any]:
+    """``apply_patch`` options for a setting of the reference's ``apply_patch`` arguments
+    (``merge_fn_str``: ``"tome"`` is ToMe-SD; ``use_rand`` draws from a generator seeded with
+    ``setting["rand_seed"]``, the state the reference forks from the global one)."""
+    opts: dict[str, Any] = dict(
+        ratio=setting["ratio"],
+        max_downsample=setting["max_downsample"],
+        merge_attn=setting["merge_attn"],
+        merge_crossattn=setting["merge_crossattn"],
+        merge_mlp=setting["merge_mlp"],
+    )
+    if setting["merge_fn_str"] == "atc":
+        return dict(opts, method="atc", linkage=setting["linkage"])
+    opts.update(method="tome_sd", sx=setting["sx"], sy=setting["sy"], use_rand=setting["use_rand"])
+    if setting["use_rand"]:
+        opts["generator"] = torch.Generator().manual_seed(setting["rand_seed"])
+    return opts
+
+
+def ours_sd(setting: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """The tiny UNet patched as the reference setting says: the partition of every merging
+    block (each over its own full grid) and a :func:`project`-ion of the UNet's output."""
+    unet = sd_unet(seed)
+    args = sd_inputs(unet, seed)
+    atc_patch.apply_patch(unet, **sd_options(setting))
+    with torch.no_grad(), PlanRecorder() as rec:
+        out = unet(*args).sample
+    return {
+        "counts": [p["num_out"] for p in rec.plans],
+        "partitions": [p["labels"] for p in rec.plans],
+        "independent": True,
+        "outputs": {"sample": project(out, seed, width=16)},
+    }

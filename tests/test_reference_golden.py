@@ -151,3 +151,12 @@ def test_mmdet_adapter(key: str) -> None:
     x = G.seeded_images(meta["seed"], meta["batch"], meta["image"])
     result = G.ours_adapter(meta["settings"][key], x, meta["seed"])
     assert_matches(result, arrays, key)
+
+
+# --- SD_setup: the Stable Diffusion patch (ToMe-SD path, ATC path) -------------------------------
+
+
+@pytest.mark.parametrize("golden,key", settings("sd_tome", "sd_atc"))
+def test_sd(golden: str, key: str) -> None:
+    meta, arrays = G.load_golden(golden)
+    assert_matches(G.ours_sd(meta["settings"][key], meta["seed"]), arrays, key)
