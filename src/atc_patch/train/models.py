@@ -167,7 +167,8 @@ def reduction_options(
 
     ``keep_rate`` (``--keep_rate`` / ``--reduction_ratio``) is one value ``k`` (after the
     ``j``-th location ``int(num_patches * k ** (j + 1))`` patch tokens remain) or one token
-    count per location (the tokens that remain after it; needs ``num_patches``).
+    count per location (the tokens that remain after it; needs ``num_patches``). ATC without
+    proportional attention gets ``size_mode="reset"``, the reference DeiT's forward.
     Raises ``ValueError`` for a mismatch.
     """
     keep_rate, reduction_loc = list(keep_rate or ()), list(reduction_loc or ())
@@ -184,6 +185,8 @@ def reduction_options(
     opts: dict[str, Any] = {"prop_attn": prop_attn}
     if method == "atc":
         opts["linkage"] = linkage or "average"
+        if not prop_attn:  # the reference DeiT forgets token sizes after every block
+            opts["size_mode"] = "reset"
     elif linkage is not None:
         raise ValueError("--linkage applies to atc_* models only")
     if len(keep_rate) == 1:
