@@ -13,9 +13,13 @@ nothing but this module (and no reference code) is needed to replay a golden fil
   describe the same partition exactly when their canonical forms are equal.
 * Our side of a forward: :class:`PlanRecorder` (the merge plans a forward made, in order) and
   :class:`BlockCounter` (the tokens each block hands on).
-* Golden files: :func:`save_golden` / :func:`load_golden`: one ``.npz`` per model path with a
-  ``meta`` JSON string (the reference commit, shims, settings) and arrays named
-  ``<setting>/<what>``.
+* Golden files: :func:`save_golden` / :func:`load_golden`: one ``.npz`` per model path (and
+  setting group) with a ``meta`` JSON string (the reference commit, shims, settings) and arrays
+  named ``<setting>/<what>``; :func:`golden_arrays` writes a forward's result, :func:`compare`
+  measures one against them.
+* The cases, our side: each model path built the way the paper's scripts build it, from public
+  API only: :func:`ours_deit`, :func:`ours_ssl`, :func:`ours_benchmark_tome`,
+  :func:`ours_dpcknn`, :func:`ours_adapter`, :func:`ours_sd`.
 """
 
 from __future__ import annotations
