@@ -27,9 +27,12 @@ selects this mode)::
 ``vit_huge_patch14`` / ``vit_h14_in1k`` -> ``vit_h_14``), ``mae`` a timm ViT with global
 pooling and MAE's fine-tuned weights from ``--checkpoint`` (default
 ``./pretrained_models/mae_finetuned_vit_{base,large,huge}.pth``, as the reference). Each ``r``
-is evaluated on ``<data>/val`` (ImageFolder) with proportional attention; ``r=0`` is the
-unpatched model. Results go to ``<results-dir>/<r-sched>/<type>_<name>_<size>_<merge_fn>
-[_<linkage>].csv`` (``;``-separated, the reference's columns plus images/s), with a tqdm bar.
+is evaluated on ``<data>/val`` (ImageFolder) as the reference evaluates it (proportional
+attention except on MAE; ATC removes ``r - 1`` tokens per block, see
+``atc_patch.train.models.reference_r``; tests/test_reference_golden.py checks these forwards
+against the official code); ``r=0`` is the unpatched model. Results go to
+``<results-dir>/<r-sched>/<type>_<name>_<size>_<merge_fn>[_<linkage>].csv``
+(``;``-separated, the reference's columns plus images/s), with a tqdm bar.
 ``--no-pretrained`` builds random weights (offline smoke tests).
 """
 
@@ -225,12 +228,14 @@ def reference_study(args: argparse.Namespace) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     import atc_patch
+    from atc_patch.train.models import reference_r
 
     if len(args.method) != 1 or len(args.linkage) != 1:
         raise SystemExit("--model-type takes one --merge_fn and one --linkage")
     if args.keep_rate is not None:
         raise SystemExit("--model-type uses --r (tokens removed per block), not --keep_rate")
     model, loader, name = reference_setup(args)
+    depth = len(model.blocks) if hasattr(model, "blocks") else len(model.encoder.layers)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     rows = []
@@ -243,15 +248,14 @@ def reference_study(args: argparse.Namespace) -> list[dict[str, Any]]:
     ):
         atc_patch.remove_patch(model)
         if r:
-            link = {"linkage": args.linkage[0]} if args.method[0] == "atc" else {}
-            atc_patch.apply_patch(
-                model,
-                method=args.method[0],
-                r=r,
-                r_schedule=args.r_schedule,
-                prop_attn=True,
-                **link,
+            method = args.method[0]
+            opts: dict[str, Any] = {"linkage": args.linkage[0]} if method == "atc" else {}
+            rs = reference_r(method, r, args.r_schedule, depth)
+            opts.update(
+                {"r": rs} if isinstance(rs, list) else {"r": r, "r_schedule": args.r_schedule}
             )
+            # The reference's MAE patch runs without proportional attention, the others with.
+            atc_patch.apply_patch(model, method=method, prop_attn=args.model_type != "mae", **opts)
         top1 = top5 = seconds = 0.0
         count = 0
         for x, y in loader:

@@ -21,6 +21,12 @@ Any other ``--model_id`` (a Hub id or a local folder) loads real weights where y
 ``WORLD_SIZE`` set) rank ``k`` makes the images with ``i % WORLD_SIZE == k`` on device
 ``cuda:LOCAL_RANK``. The folder is resumable: images already there are skipped, so a rerun
 (with any number of processes) finishes what is missing and gives the same images.
+
+The reduction flags mean what the reference script's mean: ``--merge_fn_str tome`` is ToMe-SD
+(the reference's ``tome``, the same as ``tome_sd``), whose destinations are the top-left token
+of each window unless ``--use_rand`` (then drawn per call from ``--seed``; the reference forks
+one generator from the global RNG instead). docs/pretrained.md ("Fidelity") compares the
+patch with the reference's ``SD_setup/token_reduc_sd``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from atc_patch.testing import PIPELINE_KINDS as TINY
 from atc_patch.testing import build_tiny_pipeline, tiny_pipeline_call_kwargs
 
 MERGE_FNS = ("none", "atc", "tome_sd", "tome", "kmedoids", "dpcknn")
+METHOD_OF = {"tome": "tome_sd"}  # the reference script's "tome" is ToMe-SD
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--merge_crossattn", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--merge_mlp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--use_rand",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="ToMe-SD: random destinations (seeded by --seed)",
+    )
     p.add_argument("--max_downsample", type=int, default=None, help="UNets: default highest attn")
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="DiTs: default all blocks")
     p.add_argument("--metric_dim", type=int, default=None, help="DiTs: projected metric width")
@@ -105,8 +118,10 @@ def patch_options(args: argparse.Namespace, pipe) -> dict:
         merge_attn=args.merge_attn,
         merge_mlp=args.merge_mlp,
     )
-    if args.merge_fn_str == "tome_sd":  # seeds its random destinations; no other method draws
-        opts["seed"] = args.seed
+    if METHOD_OF.get(args.merge_fn_str, args.merge_fn_str) == "tome_sd":
+        opts["use_rand"] = args.use_rand
+        if args.use_rand:  # seeds its random destinations; no other method draws
+            opts["seed"] = args.seed
     if args.merge_fn_str == "atc":
         opts["linkage"] = args.linkage
     if args.merge_crossattn:
@@ -151,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args)
     if args.merge_fn_str != "none":
-        atc_patch.apply_patch(pipe, method=args.merge_fn_str, **patch_options(args, pipe))
+        method = METHOD_OF.get(args.merge_fn_str, args.merge_fn_str)
+        atc_patch.apply_patch(pipe, method=method, **patch_options(args, pipe))
     print(f"[rank {rank}/{world}] token reduction: {atc_patch.patch_settings(pipe) or 'none'}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     cli.finish_args(args)
     args.sched_in_steps = True  # MAE adjusts the learning rate every step
+    args.r_count_prop_attn = False  # the reference's MAE patch runs without it
     args.distillation_type, args.distillation_alpha, args.distillation_tau = "none", 0.5, 1.0
     total = args.batch_size * args.grad_accum_steps * cli.world_size()
     args.total_batch_size = total

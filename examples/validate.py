@@ -89,7 +89,7 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     model = atc_patch.load_pretrained(args.checkpoint, **pick, method=None)
-    method, opts = cli.patch_options(args, method, model.patch_embed.num_patches)
+    method, opts = cli.patch_options(args, method, model.patch_embed.num_patches, len(model.blocks))
     if method is not None:
         atc_patch.apply_patch(model, method=method, **opts)
     return model

@@ -74,7 +74,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, size: Tensor | None) 
 def timm_vit_forward(
     model, x: Tensor, rs: list[int], class_token: bool, distill_token: bool = False
 ) -> Tensor:
-    """A timm ``VisionTransformer`` (no LayerScale/qk-norm) run as ToMe's patch runs it."""
+    """A timm ``VisionTransformer`` (no LayerScale/qk-norm) run as ToMe's patch runs it;
+    average pooling weighs each token by its size, as ToMe's MAE patch (``tome/patch/mae.py``)
+    pools."""
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     size = None
     for blk, r in zip(model.blocks, rs):
@@ -89,7 +91,12 @@ def timm_vit_forward(
             merge = bipartite_soft_matching(k.mean(1), r, class_token, distill_token)
             x, size = merge_wavg(merge, x, size)
         x = x + blk.mlp(blk.norm2(x))
-    return model.forward_head(model.norm(x))
+    x = model.norm(x)
+    if size is None or model.global_pool != "avg":
+        return model.forward_head(x)
+    p = model.num_prefix_tokens
+    x = (x[:, p:] * size[:, p:]).sum(dim=1) / size[:, p:].sum(dim=1)
+    return model.head(model.fc_norm(x))
 
 
 def torchvision_vit_forward(model, x: Tensor, rs: list[int]) -> Tensor:

@@ -114,3 +114,15 @@ def test_identity_plan_returns_input() -> None:
     assert plan.merge(x) is x and plan.unmerge(x) is x
     merged, size = plan.merge_wavg(x)
     assert merged is x and torch.equal(size, torch.ones(2, 10, 1))
+
+
+def test_merge_wavg_sizes_follow_a_float64_model():
+    """Token sizes are float64 in a float64 forward (log(size) is not rounded to float32)."""
+    x = torch.randn(1, 4, 3, dtype=torch.float64)
+    plan = atc_patch.MergePlan(torch.tensor([[0, 0, 1, 1]]), 2)
+    _, size = plan.merge_wavg(x)
+    assert size.dtype == torch.float64
+    _, size = plan.merge_wavg(x.float())
+    assert size.dtype == torch.float32
+    _, size = plan.merge_wavg(x.half(), torch.ones(1, 4, 1, dtype=torch.float64))
+    assert size.dtype == torch.float64

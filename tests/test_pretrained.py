@@ -318,12 +318,24 @@ def test_overrides(tmp_path) -> None:
                 keep_rate=0.7,
                 reduction_loc=(3, 6, 9),
                 prop_attn=False,
+                size_mode="reset",  # a reference file: the reference's forward
             ),
         ),
         (dict(method="tome"), dict(method="tome", keep_rate=0.7, reduction_loc=(3, 6, 9))),
         (dict(r=8), dict(method="atc", linkage="complete", r=8)),
         (
             dict(proportional_attn=False),
+            dict(
+                method="atc",
+                linkage="complete",
+                keep_rate=0.7,
+                reduction_loc=(3, 6, 9),
+                prop_attn=False,
+                size_mode="reset",
+            ),
+        ),
+        (
+            dict(proportional_attn=False, size_mode="keep"),
             dict(
                 method="atc",
                 linkage="complete",
@@ -365,6 +377,33 @@ def test_reference_token_counts(tmp_path) -> None:
         ckpt["model_ema"], "tiny", linkage="average", keep_rate=0.7, reduction_loc=(3, 6, 9)
     )
     assert torch.equal(_logits(model, x), _logits(ref, x))
+
+
+def test_reference_file_without_proportional_attention(tmp_path) -> None:
+    """A reference file trained without --proportional_attn runs the reference's forward:
+    token sizes reset after every block (size_mode="reset"); ours keep what they were saved
+    with."""
+    ckpt = reference_checkpoint("tiny", "im1k", linkage="average", keep_rate=0.7)
+    ckpt["args"].proportional_attn = False
+    path = tmp_path / "noprop.pth"
+    torch.save(ckpt, path)
+    model = atc_patch.load_pretrained(path)
+    s = atc_patch.patch_settings(model)
+    assert (s["prop_attn"], s["size_mode"]) == (False, "reset")
+    patch = dict(linkage="average", keep_rate=0.7, reduction_loc=(3, 6, 9), prop_attn=False)
+    x = _images()
+    ref = hand_model(ckpt["model_ema"], "tiny", **patch, size_mode="reset")
+    assert torch.equal(_logits(model, x), _logits(ref, x))
+    kept = atc_patch.load_pretrained(path, size_mode="keep")
+    assert atc_patch.patch_settings(kept)["size_mode"] == "keep"
+    # Proportional attention asked for: the sizes are kept (the reference never resets them then).
+    with_prop = atc_patch.load_pretrained(path, prop_attn=True)
+    assert atc_patch.patch_settings(with_prop)["size_mode"] == "keep"
+
+    pt.save_pretrained(model, tmp_path / "ours.pth")
+    again = atc_patch.load_pretrained(tmp_path / "ours.pth")
+    assert atc_patch.patch_settings(again)["size_mode"] == "reset"
+    assert torch.equal(_logits(again, x), _logits(model, x))
 
 
 def test_unsafe_pickle_refused(tmp_path) -> None:
@@ -614,6 +653,8 @@ def test_timm_registry(name) -> None:
     if method == "atc":
         opts["linkage"] = "complete"
     patch = dict(keep_rate=0.5, reduction_loc=(2, 5), prop_attn=False, linkage=opts.get("linkage"))
+    if method == "atc":  # the reference DeiT's forward without proportional attention
+        patch["size_mode"] = "reset"
     with torch.device("meta"):
         model = timm.create_model(name, **opts)
         assert model.num_classes == 10

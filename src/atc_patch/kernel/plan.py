@@ -129,9 +129,9 @@ class MergePlan:
 
         Returns:
             ``(x, size)``: ``(B, num_out, C)`` weighted means in ``x.dtype`` and
-            ``(B, num_out, 1)`` summed sizes in float32 (float64 if ``size`` is float64),
-            whatever ``x.dtype``: bf16 cannot count past 256 exactly, and the sizes feed the
-            ``log(size)`` bias of proportional attention.
+            ``(B, num_out, 1)`` summed sizes in float32, or float64 when ``x`` or ``size`` is
+            float64 (never in half precision: bf16 cannot count past 256 exactly, and the sizes
+            feed the ``log(size)`` bias of proportional attention).
 
         Raises:
             ValueError: ``x`` not ``(B, N, C)`` for this plan; ``size`` not a ``(B, N, 1)``
@@ -139,20 +139,23 @@ class MergePlan:
                 that no host synchronisation is added on a GPU; zero sizes would give NaN).
         """
         self._check(x)
-        size_dtype = torch.float64 if size is not None and size.dtype == torch.float64 else None
-        size = self._check_size(x, size)
+        wide = x.dtype == torch.float64 or (
+            isinstance(size, Tensor) and size.dtype == torch.float64
+        )
+        size_dtype = torch.float64 if wide else torch.float32
+        size = self._check_size(x, size, size_dtype)
         if self.is_identity:
             return x, size
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         total = self.merge(size, mode="sum")
         out = self.merge(work * size.to(work.dtype), mode="sum") / total.to(work.dtype)
-        return out.to(x.dtype), total.to(size_dtype or torch.float32)
+        return out.to(x.dtype), total
 
-    def _check_size(self, x: Tensor, size: Tensor | None) -> Tensor:
-        """``size`` as a float32/float64 ``(B, N, 1)`` tensor (ones if ``None``), validated."""
+    def _check_size(self, x: Tensor, size: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``size`` as a ``dtype`` ``(B, N, 1)`` tensor (ones if ``None``), validated."""
         b, n = self.labels.shape
         if size is None:
-            return torch.ones(b, n, 1, device=x.device, dtype=torch.float32)
+            return torch.ones(b, n, 1, device=x.device, dtype=dtype)
         if not isinstance(size, Tensor) or size.shape != (b, n, 1):
             shape = tuple(size.shape) if isinstance(size, Tensor) else type(size).__name__
             raise ValueError(
@@ -164,7 +167,7 @@ class MergePlan:
         checked = size.device.type == "cpu" and not torch.compiler.is_compiling()  # as labels
         if checked and size.numel() and not bool((size > 0).all()):
             raise ValueError("size must be positive (tokens behind each token); got a value <= 0")
-        return size if size.dtype == torch.float64 else size.float()
+        return size.to(dtype)
 
     def unmerge(self, x: Tensor) -> Tensor:
         """Broadcast ``(B, num_out, C)`` to ``(B, N, C)``: every token gets its cluster's row."""

@@ -127,6 +127,7 @@ def release_cfg_options(
         "model.backbone.reduction_loc": list(REDUCTION_LOC),
         "model.backbone.reduction_ratio": float(keep_rate),
         "model.backbone.proportional_attn": True,
+        "model.backbone.keep_rate_mode": "reference",
         "load_from": checkpoint_uri(method, size, keep_rate, linkage),
     }
 

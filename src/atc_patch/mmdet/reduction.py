@@ -237,6 +237,7 @@ class TokenGrid:
 
     def __init__(self) -> None:
         self.plan: MergePlan | None = None
+        self.steps: list[MergePlan] = []
 
     @property
     def reduced(self) -> bool:
@@ -244,6 +245,7 @@ class TokenGrid:
 
     def compose(self, plan: MergePlan) -> None:
         """Follow a block's plan ``(B, T)`` -> ``T'`` tokens."""
+        self.steps.append(plan)
         if self.plan is None:
             self.plan = plan
         else:
@@ -254,9 +256,18 @@ class TokenGrid:
         """Unmerge ``(B, T, C)`` tokens to the grid ``(B, N0, C)`` (each cell gets its cluster)."""
         return x if self.plan is None else self.plan.unmerge(x)
 
-    def from_grid(self, x: Tensor) -> Tensor:
-        """Merge grid features ``(B, N0, C)`` onto the ``(B, T, C)`` tokens (cluster means)."""
-        return x if self.plan is None else self.plan.merge(x, mode="mean")
+    def from_grid(self, x: Tensor, weighted: bool = True) -> Tensor:
+        """Merge grid features ``(B, N0, C)`` onto the ``(B, T, C)`` tokens: the mean of each
+        token's grid cells; ``weighted=False``: merged again step by step, each step the plain
+        mean of the tokens it merges (the reference without proportional attention, whose
+        merges forget token sizes)."""
+        if self.plan is None:
+            return x
+        if weighted:
+            return self.plan.merge(x, mode="mean")
+        for plan in self.steps:
+            x = plan.merge(x, mode="mean")
+        return x
 
     def sizes(self) -> Tensor | None:
         """``(B, T, 1)`` grid cells behind each current token, or ``None`` before any reduction."""

@@ -9,7 +9,8 @@ Forward pass for an image ``(B, 3, H, W)`` (``H``, ``W`` multiples of 32), grid
 
    a. **injector** - the ViT tokens are unmerged to the full ``h x w`` grid, queried against
       ``c2..c4`` with deformable attention, and merged back onto the current clusters (mean of
-      each cluster's grid cells);
+      each cluster's grid cells; without proportional attention merged again step by step,
+      each step a plain mean, as the reference);
    b. **blocks** ``first .. last`` - a block listed in ``reduction_loc`` clusters its tokens by
       their attention keys after its attention (ATC or ToMe on the shared kernel) and merges
       each cluster size-weighted into one token before its MLP, keeping
@@ -278,8 +279,9 @@ class ViTAdapter(BaseModule):
 
         tokens = TokenGrid()  # per-forward state: the current tokens as clusters of the grid
         size = None  # (B, T, 1) grid cells behind each token once tokens are merged
+        weighted = self.reduction is None or self.reduction.proportional_attn
         for stage, (first, last) in zip(self.interactions, self.stages):
-            x = tokens.from_grid(stage.injector(tokens.to_grid(x), c, inject))
+            x = tokens.from_grid(stage.injector(tokens.to_grid(x), c, inject), weighted)
             for i in range(first, last + 1):
                 x, size, plan = self.blocks[i](x, size, self._reducer(i, h * w))
                 if plan is not None:

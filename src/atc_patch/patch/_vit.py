@@ -41,9 +41,11 @@ VIT_OPTIONS = (
     "keep_rate_mode",
     "linkage",
     "prop_attn",
+    "size_mode",
     "trace_source",
     "backend",
 )
+SIZE_MODES = ("keep", "reset")
 
 _CONFIG_ATTR = "_atc_vit"
 _TRACE_ATTR = "_atc_trace"
@@ -58,6 +60,10 @@ class ViTReduction:
         linkage: ATC linkage (``None`` for other methods).
         schedule: how many tokens each block removes.
         prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+        size_mode: ``"keep"`` (token sizes add up over the blocks, so a merge is the mean of
+            the input patches behind it) or ``"reset"`` (sizes restart at 1 after every block,
+            so each merge is the unweighted mean of the tokens it merges; the ATC reference
+            DeiT without proportional attention; needs ``prop_attn=False``).
         trace_source: keep the map from output tokens to input tokens of the last forward.
         protected: leading tokens that never merge (class, distillation, register tokens).
         backend: ATC kernel backend, one of :data:`~atc_patch.kernel.BACKENDS`.
@@ -70,6 +76,7 @@ class ViTReduction:
     trace_source: bool
     protected: int
     backend: str = "auto"
+    size_mode: str = "keep"
 
     def block_steps(self, num_blocks: int, num_tokens: int) -> list[Step]:
         """What each of ``num_blocks`` blocks is asked when ``num_tokens`` tokens enter block 0.
@@ -141,6 +148,14 @@ def make_reduction(
     elif method == "atc":
         linkage = "average"
     prop_attn = as_bool("prop_attn", options.get("prop_attn", True))
+    size_mode = options.get("size_mode", "keep")
+    if size_mode not in SIZE_MODES:
+        raise ValueError(f"size_mode must be one of {SIZE_MODES}, got {size_mode!r}")
+    if size_mode == "reset" and prop_attn:
+        raise ValueError(
+            "size_mode='reset' drops the token sizes after every block, so proportional "
+            "attention would have none to use: pass prop_attn=False with it"
+        )
     trace_source = as_bool("trace_source", options.get("trace_source", False))
     backend = options.get("backend", "auto")
     if backend not in BACKENDS:
@@ -163,6 +178,7 @@ def make_reduction(
         trace_source=trace_source,
         protected=protected,
         backend=backend,
+        size_mode=size_mode,
     )
 
 
@@ -174,6 +190,7 @@ def settings_of(config: ViTReduction, options: dict[str, Any] | None = None) -> 
         **config.schedule.settings(),
         "linkage": config.linkage,
         "prop_attn": config.prop_attn,
+        "size_mode": config.size_mode,
         "trace_source": config.trace_source,
         "protected": config.protected,
         "backend": config.backend,
@@ -224,9 +241,10 @@ def merge_step(config: ViTReduction, metric: Tensor, r: int, tokens: Tokens) -> 
         tokens: the state after attention; ``tokens.x`` is ``(B, N, C)``.
 
     Returns:
-        The state with ``N - r`` tokens: size-weighted means of each cluster, summed sizes,
-        the merged source map (only with ``trace_source``), the merged attention mask and the
-        composed input-grid map (only when ``tokens.grid`` is tracked).
+        The state with ``N - r`` tokens: size-weighted means of each cluster and summed sizes
+        (with ``size_mode="reset"``: unweighted means and ``size=None``), the merged source
+        map (only with ``trace_source``), the merged attention mask and the composed
+        input-grid map (only when ``tokens.grid`` is tracked).
     """
     if r <= 0:
         return tokens
@@ -234,7 +252,9 @@ def merge_step(config: ViTReduction, metric: Tensor, r: int, tokens: Tokens) -> 
     if plan.is_identity:
         return tokens
     source = plan.merge_source(tokens.source) if config.trace_source else None
-    x, size = plan.merge_wavg(tokens.x, tokens.size)
+    reset = config.size_mode == "reset"
+    x, size = plan.merge_wavg(tokens.x, None if reset else tokens.size)
+    size = None if reset else size
     mask = None if tokens.attn_mask is None else merge_attn_mask(tokens.attn_mask, plan)
     grid = None if tokens.grid is None else plan.labels.gather(1, tokens.grid)
     return Tokens(x, size, source, mask, grid)

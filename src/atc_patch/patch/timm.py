@@ -115,6 +115,22 @@ def _check_blocks(model: nn.Module) -> None:
 class _ReducingVisionTransformer:
     """Mixin for ``timm.models.vision_transformer.VisionTransformer``."""
 
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        """timm's forward; ``global_pool="avg"`` weighs each token by its size (the input
+        patches merged into it), as the ToMe and ATC MAE patches pool: the mean over the input
+        patches. (``forward_head`` called on ``forward_features`` cannot see the sizes.)"""
+        x = self._atc_embed(x)
+        tokens, _ = self._atc_run_blocks(x, attn_mask, is_causal)
+        x = self.norm(tokens.x)
+        if tokens.size is None or self.global_pool != "avg" or self.attn_pool is not None:
+            return self.forward_head(x)
+        prefix = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        size = tokens.size[:, prefix:].to(x.dtype)
+        x = (x[:, prefix:] * size).sum(dim=1) / size.sum(dim=1)
+        return self.head(self.head_drop(self.fc_norm(x)))
+
     def forward_features(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> Tensor:

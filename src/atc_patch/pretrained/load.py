@@ -19,7 +19,13 @@ from ..patch import apply_patch
 from .deit import build_deit, check_state_dict, eval_pretrained_cfg
 from .hub import resolve
 from .safe_load import load_checkpoint, select_state_dict
-from .settings import PATCH_OPTIONS, checkpoint_settings, dataset_of, merge_settings
+from .settings import (
+    PATCH_OPTIONS,
+    checkpoint_settings,
+    dataset_of,
+    is_reference,
+    merge_settings,
+)
 
 
 def load_pretrained(
@@ -76,7 +82,8 @@ def load_pretrained(
         if "method" not in overrides:
             raise
         file_settings = {}
-    settings = merge_settings(file_settings, overrides, arch.num_patches)
+    reference = is_reference(checkpoint, file_settings)
+    settings = merge_settings(file_settings, overrides, arch.num_patches, reference)
 
     model = build_deit(arch, weights)
     method = settings.pop("method", None)

@@ -25,6 +25,7 @@ REDUCTION_OPTIONS = (
     "prop_attn",
     "r",
     "r_schedule",
+    "size_mode",
     "trace_source",
 )
 """The ViT ``apply_patch`` options a checkpoint's model takes (besides ``method``)."""
@@ -158,10 +159,18 @@ def kept_tokens_to_r(
 
 
 def merge_settings(
-    file: Mapping[str, Any], overrides: Mapping[str, Any], num_patches: int
+    file: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    num_patches: int,
+    reference: bool = False,
 ) -> dict[str, Any]:
     """File settings updated by user ``overrides`` (aliases resolved; overrides win; options
-    that exclude each other drop: ``r`` replaces ``keep_rate``/``reduction_loc`` and back)."""
+    that exclude each other drop: ``r`` replaces ``keep_rate``/``reduction_loc`` and back).
+
+    ``reference``: the file was trained by the reference code (its ``args`` or a release name
+    say how it reduces), so ATC without proportional attention gets the reference's forward,
+    ``size_mode="reset"``, unless ``size_mode`` is given.
+    """
     overrides = resolve_aliases(overrides)
     out = dict(file)
     if "keep_tokens" in out:  # reference token counts -> tokens removed per block
@@ -178,7 +187,16 @@ def merge_settings(
     if "method" in overrides and overrides["method"] != "atc" and "linkage" not in overrides:
         out.pop("linkage", None)
     out.update(overrides)
+    if reference and out.get("method") == "atc" and out.get("prop_attn", True) is False:
+        out.setdefault("size_mode", "reset")  # the reference DeiT forgets sizes after a block
     return out
+
+
+def is_reference(checkpoint: Any, settings: Mapping[str, Any]) -> bool:
+    """True when ``settings`` were read from the reference's ``args`` or a release name (not
+    from the settings :func:`atc_patch.save_pretrained` writes)."""
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    return bool(settings) and not isinstance(_arg(args, "atc_patch"), Mapping)
 
 
 def saved_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -197,4 +215,6 @@ def saved_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     if settings.get("linkage") is not None:
         out["linkage"] = settings["linkage"]
     out["prop_attn"] = bool(settings.get("prop_attn", True))
+    if settings.get("size_mode", "keep") != "keep":
+        out["size_mode"] = settings["size_mode"]
     return out

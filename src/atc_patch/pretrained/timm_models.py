@@ -27,7 +27,7 @@ from timm.models import register_model as _register
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .._validate import as_float
+from .._validate import as_bool, as_float
 from ..patch import apply_patch
 from .deit import eval_pretrained_cfg
 from .releases import (
@@ -140,6 +140,8 @@ def _create(
     patch.setdefault("prop_attn", True)
     if method == "atc":
         patch.setdefault("linkage", from_tag.get("linkage", "average"))
+        if not as_bool("prop_attn", patch["prop_attn"]):  # the reference DeiT's forward
+            patch.setdefault("size_mode", "reset")
     if "r" not in patch and "r_schedule" not in patch:
         patch.setdefault("keep_rate", from_tag.get("keep_rate", 0.7))
         patch.setdefault("reduction_loc", REDUCTION_LOC)

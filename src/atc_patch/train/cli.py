@@ -15,7 +15,14 @@ from typing import Any
 from torch import nn
 
 from .datasets import DATASETS
-from .models import METHODS, REFERENCE_NAMES, create_model, reduction_options, resolve_model
+from .models import (
+    METHODS,
+    REFERENCE_NAMES,
+    create_model,
+    reduction_options,
+    reference_r,
+    resolve_model,
+)
 
 DATASET_CHOICES = [d for d in DATASETS if d != "imagefolder"]
 MODEL_HELP = f"{', '.join(REFERENCE_NAMES)}, digits, or a timm model name"
@@ -212,8 +219,16 @@ def finish_args(args: argparse.Namespace) -> None:
         raise SystemExit("--data is required (the dataset root)")
 
 
-def patch_options(args: argparse.Namespace, method: str | None, num_patches: int):
-    """``(method, apply_patch options)`` from the model name's method or ``--merge_fn``."""
+def patch_options(
+    args: argparse.Namespace, method: str | None, num_patches: int, num_blocks: int = 12
+):
+    """``(method, apply_patch options)`` from the model name's method or ``--merge_fn``.
+
+    ``--r-count`` means what the reference's MAE recipe and off-the-shelf patches do with it
+    (:func:`~atc_patch.train.models.reference_r`: ATC removes one token less per block than
+    ToMe); proportional attention is ``args.r_count_prop_attn`` (default ``True``, the
+    reference's timm patch; its MAE patch, ``train_mae.py``, runs without).
+    """
     if args.r_count:
         if method is not None:
             raise SystemExit(
@@ -221,7 +236,10 @@ def patch_options(args: argparse.Namespace, method: str | None, num_patches: int
                 f"{args.model} (use --reduction_loc/--keep_rate)"
             )
         merge = args.merge_fn or "tome"
-        opts: dict[str, Any] = {"r": args.r_count, "r_schedule": args.r_sched, "prop_attn": True}
+        r = reference_r(merge, args.r_count, args.r_sched, num_blocks)
+        opts: dict[str, Any] = {"r": r, "prop_attn": getattr(args, "r_count_prop_attn", True)}
+        if not isinstance(r, list):
+            opts["r_schedule"] = args.r_sched
         if merge == "atc":
             opts["linkage"] = args.linkage or "average"
         elif args.linkage is not None:
@@ -287,7 +305,9 @@ def model_builder(
             missing, unexpected = load_finetune_weights(model, state)
             print(f"finetune from {args.finetune}: missing {missing}, unexpected {unexpected}")
         if not spec.registered:
-            method, opts = patch_options(args, spec.method, model.patch_embed.num_patches)
+            method, opts = patch_options(
+                args, spec.method, model.patch_embed.num_patches, len(model.blocks)
+            )
             if method is not None:
                 atc_patch.apply_patch(model, method=method, **opts)
         return model

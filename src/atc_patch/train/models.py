@@ -137,6 +137,24 @@ def _digits(pretrained: bool, num_classes: int, img_size: int, **kwargs: Any) ->
     return model
 
 
+def reference_r(method: str, r: int, r_schedule: str, num_blocks: int) -> int | list[int]:
+    """``r`` as the ATC repository's ``--r-count`` / ``--r`` flags mean it (its MAE recipe and
+    off-the-shelf patches, ``SSLBackbone_setup/token_reduc``), for ``apply_patch``.
+
+    ToMe removes ``r_l`` tokens in block ``l`` (``r`` in every block, or ToMe's ``parse_r``
+    ramp for ``r_schedule="decrease"``): ``r`` is returned as it is. The repository's ATC step
+    clusters the tokens after the class token into ``T - r_l`` clusters, ``T`` counting the
+    class token, so it removes ``r_l - 1`` tokens: returned as the per-block list
+    ``max(r_l - 1, 0)`` (e.g. ``--r-count 16`` removes 15 tokens per block).
+    """
+    if method != "atc":
+        return r
+    from atc_patch.schedule import make_schedule
+
+    ramp = make_schedule(r=r, r_schedule=r_schedule).per_block(num_blocks, 0)
+    return [max(v - 1, 0) for v in ramp]
+
+
 def reduction_options(
     method: str | None,
     keep_rate: Sequence[float] = (),
@@ -149,7 +167,8 @@ def reduction_options(
 
     ``keep_rate`` (``--keep_rate`` / ``--reduction_ratio``) is one value ``k`` (after the
     ``j``-th location ``int(num_patches * k ** (j + 1))`` patch tokens remain) or one token
-    count per location (the tokens that remain after it; needs ``num_patches``).
+    count per location (the tokens that remain after it; needs ``num_patches``). ATC without
+    proportional attention gets ``size_mode="reset"``, the reference DeiT's forward.
     Raises ``ValueError`` for a mismatch.
     """
     keep_rate, reduction_loc = list(keep_rate or ()), list(reduction_loc or ())
@@ -166,6 +185,8 @@ def reduction_options(
     opts: dict[str, Any] = {"prop_attn": prop_attn}
     if method == "atc":
         opts["linkage"] = linkage or "average"
+        if not prop_attn:  # the reference DeiT forgets token sizes after every block
+            opts["size_mode"] = "reset"
     elif linkage is not None:
         raise ValueError("--linkage applies to atc_* models only")
     if len(keep_rate) == 1:

@@ -16,6 +16,9 @@ model = dict(
         reduction_loc=[3, 6, 9],
         reduction_ratio=0.7,  # fraction of the current tokens kept at each location
         proportional_attn=True,
+        # int(ratio * T) of the T tokens each location gets, also after a ToMe step that could
+        # not remove enough (ToMe removes at most half): the reference's rule
+        keep_rate_mode="reference",
     )
 )
 
