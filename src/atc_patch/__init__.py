@@ -21,7 +21,7 @@ from .patch import (
     patch_settings,
     remove_patch,
 )
-from .patch._vit import last_source
+from .patch.vit import last_source
 from .pretrained import load_pretrained, save_pretrained
 from .schedule import Schedule, make_schedule
 

@@ -219,9 +219,15 @@ def test_the_record_is_found_through_either_object(row):
     assert torch.equal(case.run(root), ref)
 
 
+def _unless_the_model_itself_cannot(case, what: str) -> None:
+    if what in case.model_cannot:
+        pytest.skip(f"the unpatched {case.name} cannot {what} either: {case.model_cannot[what]}")
+
+
 @torch.no_grad()
 def test_fullgraph_compile_matches_eager(row):
     case, method = row
+    _unless_the_model_itself_cannot(case, "compile")
     model = _patched(case, method)
     eager = case.run(model)
     torch._dynamo.reset()
@@ -232,6 +238,7 @@ def test_fullgraph_compile_matches_eager(row):
 @torch.no_grad()
 def test_meta_forward_gives_the_shapes(row):
     case, method = row
+    _unless_the_model_itself_cannot(case, "meta")
     model = _patched(case, method)
     shape = case.run(model).shape
     meta = copy.deepcopy(model).to("meta")

@@ -26,7 +26,16 @@ from typing import Any
 from torch import nn
 
 SAVED_ATTR = "_atc_saved"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks a name the module's instance dict did not hold (pickles and copies as itself)."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclass
@@ -49,14 +58,17 @@ def override(module: nn.Module, name: str, impl: Callable[..., Any], *bound: Any
     """Make ``module.<name>(*args, **kwargs)`` call ``impl(module, *bound, *args, **kwargs)``.
 
     ``impl`` must be a module-level function (so the override pickles); ``bound`` holds
-    immutable configuration only. Overriding the same name twice raises ``RuntimeError``.
+    immutable configuration only. ``name`` may be one the class does not define (e.g.
+    ``__prepare_scriptable__``). Overriding the same name twice raises ``RuntimeError``.
     """
     saved = _saved(module)
     if name in saved.attrs:
         raise RuntimeError(f"{type(module).__name__}.{name} is already overridden")
     saved.attrs[name] = vars(module).get(name, _MISSING)
     wrapper = functools.partial(impl, module, *bound)
-    wrapper.__wrapped__ = getattr(module, name)  # type: ignore[attr-defined]
+    replaced = getattr(module, name, None)  # None: a hook the class does not define
+    if replaced is not None:
+        wrapper.__wrapped__ = replaced  # type: ignore[attr-defined]
     object.__setattr__(module, name, wrapper)
 
 
