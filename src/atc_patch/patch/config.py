@@ -143,6 +143,8 @@ class PatchConfig:
                 if name in given:
                     raise ValueError(f"give {name} or {alias} (the same option), not both")
                 given[name] = given.pop(alias)
+        others = {n for names in cls.METHOD_ONLY.values() for n in names} - set(cls.options(method))
+        given = {k: v for k, v in given.items() if v is not None or k not in others}  # default
         hints = {**HINTS[cls.KIND], **unused}
         for other, names in cls.METHOD_ONLY.items():
             for name in names:

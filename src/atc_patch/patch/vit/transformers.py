@@ -186,21 +186,29 @@ def _check_backend(impl: str) -> None:
 # --- owners ---------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _hf(body: Callable) -> Callable:
-    """``body`` with the decorators of transformers' ``forward`` (output capture, config
-    defaults), applied on first use: importing this module does not import transformers."""
-    from transformers.utils.generic import merge_with_config_defaults
-    from transformers.utils.output_capturing import capture_outputs
+_DECORATED: dict[str, Callable] = {}
 
-    return merge_with_config_defaults(capture_outputs(tie_last_hidden_states=False)(body))
+
+def _decorated(kind: str) -> Callable:
+    """The owner forward ``kind`` with the decorators of transformers' ``forward`` (output
+    capture, config defaults), made on first use: importing this module does not import
+    transformers."""
+    forward = _DECORATED.get(kind)
+    if forward is None:
+        from transformers.utils.generic import merge_with_config_defaults
+        from transformers.utils.output_capturing import capture_outputs
+
+        body = _FORWARDS[kind]
+        forward = merge_with_config_defaults(capture_outputs(tie_last_hidden_states=False)(body))
+        _DECORATED[kind] = forward
+    return forward
 
 
 def _owner_forward(owner: nn.Module, patch: ViTPatch, kind: str, *args: Any, **kwargs: Any) -> Any:
     """The original ``forward``'s inputs and outputs, with ``N'`` tokens."""
     if patch.is_passthrough:
         return original(owner, "forward")(*args, **kwargs)
-    return _hf(_FORWARDS[kind])(owner, patch, *args, **kwargs)
+    return _decorated(kind)(owner, patch, *args, **kwargs)
 
 
 def _encode(
