@@ -203,7 +203,9 @@ def _shape_only_plan(metric: Tensor, r: int) -> MergePlan:
 
 def _padded_plan(patch: ViTPatch, metric: Tensor, r: int, valid: Tensor) -> MergePlan:
     """:meth:`ViTPatch.plan` with padding: per sample, the real tokens are clustered among
-    themselves first (up to ``r`` merges), the padding among itself with the rest."""
+    themselves first (up to ``r`` merges), the padding among itself with the rest. One kernel
+    call per sample and group, with host synchronisations (``nonzero``); a sample that cannot
+    lose ``r`` tokens this way leaves the whole batch unmerged at this block."""
     c, p = patch.config, patch.protected
     b, n, _ = metric.shape
     labels = torch.empty(b, n, dtype=torch.long, device=metric.device)
