@@ -66,14 +66,14 @@ class ViTPatch:
     Attributes:
         config: the validated settings.
         protected: leading tokens that never merge (class, distillation, register tokens).
-        what: the model, for messages (``"a timm VisionTransformer"``).
+        what: the kind of model, for messages (``"timm VisionTransformer"``).
         slot: the per-thread source-map slot (``trace_source=True``), also the record's
             ``PatchInfo.state``; ``None`` otherwise.
     """
 
     config: ViTConfig
     protected: int
-    what: str = "a ViT"
+    what: str = "model"
     slot: TraceSlot | None = field(default=None, compare=False, repr=False)
 
     @property

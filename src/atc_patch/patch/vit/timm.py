@@ -75,7 +75,7 @@ def apply(root: nn.Module, config: ViTConfig) -> PatchInfo:
     _check_blocks(root)
     protected = int(root.num_prefix_tokens)
     slot = TraceSlot() if config.trace_source else None
-    patch = ViTPatch(config, protected, WHAT, slot)
+    patch = ViTPatch(config, protected, "timm VisionTransformer", slot)
     patch.check(len(root.blocks), root.patch_embed.num_patches + protected)
     override(root, "forward_features", _forward_features, patch)
     override(root, "forward_intermediates", _forward_intermediates, patch)

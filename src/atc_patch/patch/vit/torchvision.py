@@ -62,7 +62,7 @@ def apply(root: nn.Module, config: ViTConfig) -> PatchInfo:
             "torchvision Encoder of EncoderBlock layers"
         )
     slot = TraceSlot() if config.trace_source else None
-    patch = ViTPatch(config, PROTECTED, WHAT, slot)
+    patch = ViTPatch(config, PROTECTED, "torchvision VisionTransformer", slot)
     patch.check(len(layers), encoder.pos_embedding.shape[1])
     override(root, "__prepare_scriptable__", refuse_script, patch)
     override(encoder, "forward", _encoder_forward, patch)
