@@ -324,29 +324,27 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def _cluster_share(model, x, device, clock: Clock, smoke: bool) -> float | None:
     """Milliseconds of the clustering calls an ATC-patched ``model`` makes per forward."""
-    from atc_patch.patch import _vit
+    from atc_patch.patch.vit import ViTPatch
 
-    try:
-        config = _vit.get_config(model)
-    except (KeyError, TypeError):
+    config = atc_patch.patch_config(model)
+    if config is None or config.method != "atc":
         return None
-    if config.method != "atc":
-        return None
-    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    patch = ViTPatch(config, int(model.num_prefix_tokens))
+    n = model.patch_embed.num_patches + patch.protected
     head_dim = model.blocks[0].attn.head_dim
     total = 0.0
-    for r in config.block_r(len(model.blocks), n):
+    for r in patch.block_r(len(model.blocks), n):
         if r <= 0:
             continue
         metric = torch.randn(x.shape[0], n, head_dim, device=device, dtype=x.dtype)
 
         def call(metric=metric, r=r):
             return atc_patch.cluster_tokens(
-                metric, r, linkage=config.linkage, protected=config.protected
+                metric, r, linkage=config.linkage, protected=patch.protected
             )
 
         total += statistics.median(clock.run(call, 2 if smoke else 10, 1 if smoke else 2))
-        n -= min(r, n - config.protected - 1)
+        n -= min(r, n - patch.protected - 1)
     return round(total, 4)
 
 

@@ -12,14 +12,24 @@ from .kernel import LINKAGES, METHODS, cluster_tokens
 from .kernel.plan import MergePlan
 from .kernel.scratch import release_workspace, set_workspace_limits
 from .kernel.threads import set_kernel_threads
-from .patch import apply_patch, patch_settings, remove_patch
-from .patch._vit import last_source
+from .patch import (
+    AdapterConfig,
+    DiffusionConfig,
+    ViTConfig,
+    apply_patch,
+    patch_config,
+    patch_settings,
+    remove_patch,
+)
+from .patch.vit import last_source
 from .pretrained import load_pretrained, save_pretrained
 from .schedule import Schedule, make_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
+    "DiffusionConfig",
     "LINKAGES",
     "METHODS",
     "MergePlan",
@@ -29,10 +39,12 @@ __all__ = [
     "last_source",
     "load_pretrained",
     "make_schedule",
+    "patch_config",
     "patch_settings",
     "release_workspace",
     "remove_patch",
     "save_pretrained",
     "set_kernel_threads",
     "set_workspace_limits",
+    "ViTConfig",
 ]

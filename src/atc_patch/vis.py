@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .patch._vit import last_source
+from .patch.vit import last_source
 
 __all__ = ["FILLS", "last_source", "make_visualization"]
 
@@ -41,7 +41,7 @@ def make_visualization(
         image: the input image, a ``PIL.Image`` or an ``(H, W, 3)`` uint8 array, at the
             resolution the model saw (``H // patch_size`` x ``W // patch_size`` patches).
         source: ``(N_out, N0)`` or ``(1, N_out, N0)`` source map (see
-            :func:`~atc_patch.patch._vit.last_source`); row ``i`` marks the input tokens merged
+            :func:`~atc_patch.last_source`); row ``i`` marks the input tokens merged
             into output token ``i``.
         patch_size: pixels per patch side.
         class_token: ``True`` if the first column of ``source`` is a class token; an ``int``

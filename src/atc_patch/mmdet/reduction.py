@@ -27,22 +27,13 @@ from typing import Any
 
 from torch import Tensor
 
-from .._validate import as_bool, as_float, as_int_list
-from ..kernel import LINKAGES, cluster_tokens
+from ..kernel import cluster_tokens
 from ..kernel.plan import MergePlan
-from ..schedule import KEEP_RATE_MODES, Step, step_r, warn_unreachable
+from ..patch.config import AdapterConfig
+from ..schedule import Step, step_r, warn_unreachable
 
-METHODS = ("atc", "tome")
+METHODS = AdapterConfig.METHODS
 """Token reduction methods the ViT-Adapter supports (``None`` means no reduction)."""
-
-REDUCTION_KEYS = (
-    "linkage",
-    "reduction_loc",
-    "reduction_ratio",
-    "proportional_attn",
-    "keep_rate_mode",
-)
-"""Options besides ``method`` that :func:`make_reduction` and ``apply_patch`` accept."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +56,18 @@ class Reduction:
     proportional_attn: bool = True
     keep_rate_mode: str = "target"
     _warned: set = field(default_factory=set, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: AdapterConfig) -> Reduction:
+        """The reduction a validated :class:`~atc_patch.AdapterConfig` describes."""
+        return cls(
+            config.method,
+            config.linkage,
+            config.reduction_loc,
+            config.reduction_ratio,
+            config.proportional_attn,
+            config.keep_rate_mode,
+        )
 
     def keep_ratio(self, block: int) -> float | None:
         """The keep ratio of ``block``, or ``None`` when the block does not reduce."""
@@ -152,17 +155,14 @@ def make_reduction(
     depth: int = 12,
     keep_rate_mode: str = "target",
 ) -> Reduction | None:
-    """Validate backbone settings and return a :class:`Reduction` (``None`` for no reduction).
+    """Validate backbone settings (through :class:`~atc_patch.AdapterConfig`) and return a
+    :class:`Reduction`, or ``None`` for no reduction.
 
     Args:
         method: ``None`` (no reduction) or one of :data:`METHODS`.
-        linkage: for ``"atc"`` one of ``LINKAGES`` (default ``"average"``); must be ``None``
-            for ``"tome"``.
-        reduction_loc: increasing, distinct block indices in ``[0, depth)``.
-        reduction_ratio: keep ratio in ``(0, 1]``, one for all locations or one per location.
-        proportional_attn: proportional attention for merged tokens.
-        depth: number of ViT blocks.
-        keep_rate_mode: ``"target"`` (default) or ``"reference"``, see the module docstring.
+        linkage, reduction_loc, reduction_ratio, proportional_attn, keep_rate_mode: the
+            fields of :class:`~atc_patch.AdapterConfig`.
+        depth: number of ViT blocks (``reduction_loc`` must lie in ``[0, depth)``).
 
     Raises:
         ValueError: naming the valid choices, for any value that cannot be used, including
@@ -175,56 +175,16 @@ def make_reduction(
                 f"set method to one of {METHODS}"
             )
         return None
-    if method not in METHODS:
-        raise ValueError(f"method must be None or one of {METHODS}, got {method!r}")
-    if method == "atc":
-        linkage = "average" if linkage is None else linkage
-        if linkage not in LINKAGES:
-            raise ValueError(f"linkage must be one of {LINKAGES} for method='atc', got {linkage!r}")
-    elif linkage is not None:
-        raise ValueError(f"linkage applies to method='atc' only; use linkage=None with {method!r}")
-    if keep_rate_mode not in KEEP_RATE_MODES:
-        raise ValueError(f"keep_rate_mode must be one of {KEEP_RATE_MODES}, got {keep_rate_mode!r}")
-    locs = _check_locs(reduction_loc, depth)
-    ratios = _check_ratios(reduction_ratio, len(locs))
-    attn = as_bool("proportional_attn", proportional_attn)
-    return Reduction(method, linkage, locs, ratios, attn, keep_rate_mode)
-
-
-def _check_locs(reduction_loc: Sequence[int] | int | None, depth: int) -> tuple[int, ...]:
-    if reduction_loc is None:
-        raise ValueError("reduction_loc must be a list of block indices, got None")
-    locs = as_int_list("reduction_loc", reduction_loc)
-    if list(locs) != sorted(set(locs)) or any(not 0 <= v < depth for v in locs):
-        raise ValueError(
-            f"reduction_loc must be increasing, distinct block indices in [0, {depth}), "
-            f"got {list(locs)}"
-        )
-    return locs
-
-
-def _check_ratios(ratio: float | Sequence[float] | None, num_locs: int) -> tuple[float, ...]:
-    if ratio is None:
-        raise ValueError(
-            "reduction_ratio is required with a method: the fraction of tokens kept at each "
-            "reduction_loc, e.g. 0.7"
-        )
-    many = isinstance(ratio, Sequence) and not isinstance(ratio, (str, bytes))
-    many = many or getattr(ratio, "ndim", 0) >= 1  # numpy arrays, tensors
-    values = [
-        as_float(f"reduction_ratio[{i}]" if many else "reduction_ratio", v)
-        for i, v in enumerate(list(ratio) if many else [ratio])
-    ]
-    if len(values) == 1:
-        values = values * num_locs
-    if len(values) != num_locs:
-        raise ValueError(
-            f"reduction_ratio has {len(values)} values for {num_locs} reduction_loc entries; "
-            "give one value or one per location"
-        )
-    if any(not 0.0 < float(v) <= 1.0 for v in values):
-        raise ValueError(f"reduction_ratio values must be in (0, 1], got {values}")
-    return tuple(float(v) for v in values)
+    config = AdapterConfig(
+        method=method,
+        linkage=linkage,
+        reduction_loc=reduction_loc,
+        reduction_ratio=reduction_ratio,
+        proportional_attn=proportional_attn,
+        keep_rate_mode=keep_rate_mode,
+    )
+    config.check_depth(depth)
+    return Reduction.from_config(config)
 
 
 class TokenGrid:
@@ -295,7 +255,6 @@ def expected_token_counts(reduction: Reduction | None, depth: int, num_patches: 
 
 __all__ = [
     "METHODS",
-    "REDUCTION_KEYS",
     "Reduction",
     "TokenGrid",
     "expected_token_counts",

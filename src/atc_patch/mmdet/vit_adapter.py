@@ -212,8 +212,14 @@ class ViTAdapter(BaseModule):
         self.proportional_attn = proportional_attn
         self.keep_rate_mode = keep_rate_mode
 
+    def active_reduction(self) -> Reduction | None:
+        """The reduction the forward uses: the one it was built or configured with
+        (:attr:`reduction`), or the one ``atc_patch.apply_patch`` set while it is patched."""
+        return self.reduction
+
     def reduction_settings(self) -> dict[str, Any]:
-        """The backbone's reduction keys as given (``method=None`` when it does not reduce)."""
+        """The backbone's reduction keys as given (``method=None`` when it does not reduce);
+        while patched by ``atc_patch.apply_patch``, the patch's."""
         return dict(
             method=self.method,
             linkage=self.linkage,
@@ -254,12 +260,13 @@ class ViTAdapter(BaseModule):
             pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def _reducer(self, block: int, num_patches: int) -> Reducer | None:
+    @staticmethod
+    def _reducer(reduction: Reduction | None, block: int, num_patches: int) -> Reducer | None:
         """What block ``block`` calls with its keys to get its merge plan (``None``: no merge);
         ``num_patches`` is this forward's ``h * w`` grid (it sets the targets)."""
-        if self.reduction is None or self.reduction.keep_ratio(block) is None:
+        if reduction is None or reduction.keep_ratio(block) is None:
             return None
-        return partial(self.reduction.plan, block, num_patches=num_patches)
+        return partial(reduction.plan, block, num_patches=num_patches)
 
     def forward(self, img: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Image ``(B, 3, H, W)``, ``H, W`` multiples of 32 -> four ``(B, D, H/s, W/s)`` maps,
@@ -277,16 +284,17 @@ class ViTAdapter(BaseModule):
         x = self.pos_drop(x + self._pos_embed(h, w))
         inject, extract = deform_inputs((h, w), levels, img.device)
 
+        reduction = self.active_reduction()
         tokens = TokenGrid()  # per-forward state: the current tokens as clusters of the grid
         size = None  # (B, T, 1) grid cells behind each token once tokens are merged
         weighted = self.reduction is None or self.reduction.proportional_attn
         for stage, (first, last) in zip(self.interactions, self.stages):
             x = tokens.from_grid(stage.injector(tokens.to_grid(x), c, inject), weighted)
             for i in range(first, last + 1):
-                x, size, plan = self.blocks[i](x, size, self._reducer(i, h * w))
+                x, size, plan = self.blocks[i](x, size, self._reducer(reduction, i, h * w))
                 if plan is not None:
                     tokens.compose(plan)
-                if self.reduction is not None and not self.reduction.proportional_attn:
+                if reduction is not None and not reduction.proportional_attn:
                     size = None
             c = stage.extract(c, tokens.to_grid(x), extract, levels)
 

@@ -1,4 +1,7 @@
-"""Patching torchvision's VisionTransformer (issue 3): a small ViT config, random init."""
+"""The torchvision family: schedules, ToMe's published algorithm, source maps, training.
+
+A small ViT config, random init; what every family must do is in ``test_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,7 @@ import torchvision.models.vision_transformer as tv_vit
 from _tome_reference import torchvision_vit_forward
 
 import atc_patch
-from atc_patch.patch._vit import last_source
-from atc_patch.patch.torchvision import matches
+from atc_patch.patch.vit import last_source
 
 
 def make(layers: int = 3, image: int = 32) -> torch.nn.Module:
@@ -45,31 +47,20 @@ def token_counts(model, x) -> list[int]:
     return counts
 
 
-def test_matches_only_torchvision_vit():
-    assert matches(make(layers=1))
-    assert not matches(torch.nn.Linear(2, 2))
-
-
 @pytest.mark.parametrize(
     "options",
     [{"method": "atc", "r": 0}, {"method": "tome", "keep_rate": 1.0, "reduction_loc": (0, 2)}],
     ids=["r0", "keep_rate1"],
 )
-def test_nothing_to_remove_is_bit_exact(options):
+def test_zero_reduction_through_the_patched_layers_is_exact(options):
+    # trace_source=True: the patched encoder runs (not torchvision's own), removing nothing.
     model = make()
     x = images()
-    classes = [type(m) for m in model.modules()]
-    attrs = [sorted(vars(m)) for m in model.modules()]
     with torch.no_grad():
         ref = model(x)
         atc_patch.apply_patch(model, prop_attn=True, trace_source=True, **options)
         assert torch.equal(model(x), ref)
-        atc_patch.apply_patch(model, method="atc", r=4)
-        assert not torch.equal(model(x), ref)
-        atc_patch.remove_patch(model)
-        assert torch.equal(model(x), ref)
-    assert [type(m) for m in model.modules()] == classes
-    assert [sorted(vars(m)) for m in model.modules()] == attrs
+    assert last_source(model).shape == (2, 17, 17)
 
 
 @pytest.mark.parametrize(
@@ -128,14 +119,3 @@ def test_training_step(method):
     assert got == trained
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_bad_options():
-    model = make(layers=1)
-    with pytest.raises(ValueError, match="'atc', 'tome', 'kmedoids', 'dpcknn'"):
-        atc_patch.apply_patch(model, method="tome_sd", r=2)
-    with pytest.raises(ValueError, match="valid options.*ratio is the diffusion"):
-        atc_patch.apply_patch(model, method="atc", ratio=0.5)
-    with pytest.raises(ValueError, match="out of range"):
-        atc_patch.apply_patch(model, method="atc", keep_rate=0.5, reduction_loc=(1,))
-    assert atc_patch.patch_settings(model) is None

@@ -1,8 +1,10 @@
-"""ViT-Adapter reduction settings (issue 10): keep_rate targets, option checks, settings read back.
+"""The ViT-Adapter family: patching a built backbone (or the detector holding it), the
+reduction settings it validates through ``AdapterConfig``, keep_rate targets, settings read back.
 
 The same rules as the ViT patches (atc_patch.schedule): a location after one whose target ToMe
 could not reach aims at its own target; ``keep_rate_mode="reference"`` keeps the reference
-code's ``int(ratio * T)`` of the tokens actually left. A tiny 4-block adapter, 128 px (8 x 8).
+code's ``int(ratio * T)`` of the tokens actually left. A tiny 4-block adapter, 64-128 px.
+What every family must do is in ``test_contract.py``.
 """
 
 from __future__ import annotations
@@ -108,10 +110,6 @@ def test_options_are_checked_like_the_vit_patches():
         atc_patch.apply_patch(m, method="atc", reduction_ratio=0.5, speed=1)
     with pytest.raises(ValueError, match="takes reduction_ratio .* not keep_rate"):
         atc_patch.apply_patch(m, method="atc", keep_rate=0.5, reduction_loc=[1])
-    with pytest.raises(ValueError, match="option is proportional_attn"):
-        atc_patch.apply_patch(m, method="atc", reduction_ratio=0.5, prop_attn=True)
-    with pytest.raises(ValueError, match="needs a method"):
-        atc_patch.apply_patch(m, method=None, reduction_ratio=0.5)
     for bad, match in [
         (dict(reduction_loc=(1.5, 2.7)), "non-integral 1.5"),
         (dict(reduction_ratio="0.5"), "reduction_ratio must be a number"),
@@ -123,7 +121,49 @@ def test_options_are_checked_like_the_vit_patches():
             atc_patch.apply_patch(
                 m, method="atc", **({"reduction_ratio": 0.5, "reduction_loc": [1]} | bad)
             )
-    assert m.reduction is None and atc_patch.patch_settings(m) is None
+    assert atc_patch.patch_settings(m) is None
+    # prop_attn, the ViT patches' name, is the same option
+    atc_patch.apply_patch(m, method="atc", reduction_ratio=0.5, reduction_loc=[1], prop_attn=False)
+    assert atc_patch.patch_settings(m)["proportional_attn"] is False
+
+
+def test_patching_a_backbone_and_a_detector():
+    m = _backbone()
+    atc_patch.apply_patch(
+        m, method="atc", linkage="complete", reduction_ratio=[0.5, 0.5], reduction_loc=[1, 3]
+    )
+    red = m.active_reduction()
+    assert red.linkage == "complete" and red.reduction_ratio == (0.5, 0.5)
+    assert m.reduction is None  # what it was built with; the patch overrides it
+    assert m.reduction_settings()["method"] == "atc"
+    assert atc_patch.patch_settings(m)["family"] == "vit_adapter"
+    img = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert _tokens_into_blocks(m, img) == [16, 16, 8, 8]
+    atc_patch.remove_patch(m)
+    assert m.active_reduction() is None and atc_patch.patch_settings(m) is None
+    assert m.reduction_settings()["method"] is None
+
+    class Detector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = _backbone(method="tome", reduction_loc=[2], reduction_ratio=0.9)
+
+    det = Detector()
+    atc_patch.apply_patch(det, method="atc", reduction_ratio=0.5, reduction_loc=[0])
+    red = det.backbone.active_reduction()
+    assert red.method == "atc" and red.reduction_loc == (0,)
+    assert atc_patch.patch_settings(det.backbone) == atc_patch.patch_settings(det)
+    atc_patch.remove_patch(det)
+    assert det.backbone.active_reduction().method == "tome"  # back to what it was built with
+    for bad, match in [
+        (dict(method="atc", reduction_ratio=0.5, keep_rate=0.5), "valid"),
+        (dict(method="kmedoids", reduction_ratio=0.5), "'atc', 'tome'"),
+        (dict(method="atc", reduction_loc=[1]), "reduction_ratio is required"),
+        (dict(method="atc", reduction_ratio=0.5), r"in \[0, 4\)"),  # default [3, 6, 9]
+    ]:
+        with pytest.raises(ValueError, match=match):
+            atc_patch.apply_patch(m, **bad)
+    assert m.active_reduction() is None
 
 
 def test_settings_report_the_values_in_use():

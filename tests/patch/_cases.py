@@ -1,0 +1,237 @@
+"""The table of the family contract test: one tiny model per supported root class.
+
+A :class:`Case` builds the model a user would patch (``build``), optionally what holds it
+(``holder``: a pipeline, task model, feature wrapper or detector), runs it (``run``: a tensor
+output, deterministic for a fixed model and inputs) and says which options reduce tokens and
+which reduce none, per method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    build: Callable[[], torch.nn.Module]
+    run: Callable[[torch.nn.Module, str], torch.Tensor]  # (model, device) -> output
+    methods: tuple[str, ...]
+    reduce: dict[str, Any]  # options that reduce tokens (every method)
+    zero: dict[str, Any]  # options that reduce nothing
+    other: dict[str, Any]  # a second reducing setting (re-apply replaces the first)
+    bad_at_apply: dict[str, Any]  # valid options that the model itself rejects at apply time
+    holder: Callable[[torch.nn.Module], Any] | None = None  # what holds the root, built on it
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method extra options
+    # {"compile" | "meta": why}: what the unpatched model itself cannot do (rows skipped)
+    model_cannot: dict[str, str] = field(default_factory=dict)
+
+    def options(self, method: str, base: dict[str, Any]) -> dict[str, Any]:
+        return {**base, **self.extra.get(method, {})}
+
+
+def _images(size: int = 32, batch: int = 2, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def to_device(obj: Any, device: str) -> Any:
+    """Tensors in ``obj`` (nested dicts, lists, tuples) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def _timm() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)  # every build the same model (the table compares builds)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+        embed_dim=32, num_heads=2, num_classes=10,
+    ).eval()  # fmt: skip
+
+
+def _timm_features(vit: torch.nn.Module) -> Any:
+    from timm.models._features import FeatureGetterNet
+
+    return FeatureGetterNet(vit, out_indices=(1, 2), output_fmt="NLC", prune=False)  # vit unchanged
+
+
+def _torchvision() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    ).eval()  # fmt: skip
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision zero-inits the classifier
+    return model
+
+
+def _hf_vit() -> torch.nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return ViTModel(cfg, add_pooling_layer=False).eval()
+
+
+def _hf_task(vit: torch.nn.Module) -> Any:
+    from transformers import ViTForImageClassification
+
+    task = ViTForImageClassification(vit.config).eval()
+    task.vit = vit
+    return task
+
+
+def _unet() -> torch.nn.Module:
+    from atc_patch.sd_models import build_unet
+
+    return build_unet("tiny-sd")
+
+
+def _run_unet(unet: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
+    from atc_patch.sd_models import unet_inputs
+
+    return unet(**to_device(unet_inputs(unet, batch=2, height=16, width=16), device)).sample
+
+
+def _pipe_with(root: torch.nn.Module, kind: str) -> Any:
+    if kind == "unet":
+        from atc_patch.sd_models import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline()
+        pipe.unet = root
+        return pipe
+    from atc_patch.dit_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(kind)
+    pipe.transformer = root
+    return pipe
+
+
+def _dit(kind: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from atc_patch.dit_models import build_transformer
+
+        return build_transformer(kind)
+
+    return build
+
+
+def _run_dit(model: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
+    from atc_patch.dit_models import transformer_inputs
+
+    return model(**to_device(transformer_inputs(model, batch=2, height=8, width=8), device)).sample
+
+
+def _adapter() -> torch.nn.Module:
+    import mmcv.ops  # noqa: F401
+
+    from atc_patch.mmdet import ViTAdapter
+
+    torch.manual_seed(0)
+    return ViTAdapter(
+        embed_dim=64, depth=4, num_heads=2, deform_num_heads=2, conv_inplane=16, init_values=0.5,
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+    ).eval()  # fmt: skip
+
+
+def _run_adapter(model: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
+    return torch.cat([f.flatten(1) for f in model(_images(64, 1, device))], dim=1)
+
+
+VIT_METHODS = ("atc", "tome", "kmedoids", "dpcknn")
+DIFFUSION_METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
+_VIT = dict(
+    methods=VIT_METHODS,
+    reduce={"r": 4},
+    zero={"r": 0},
+    other={"keep_rate": 0.5, "reduction_loc": (1,)},
+    bad_at_apply={"keep_rate": 0.5, "reduction_loc": (7,)},  # past the last block
+)
+_DIFFUSION = dict(
+    methods=DIFFUSION_METHODS,
+    reduce={"ratio": 0.5},
+    zero={"ratio": 0.0},
+    other={"ratio": 0.25, "merge_mlp": True},
+)
+
+CASES = [
+    Case(
+        "timm",
+        "timm",
+        _timm,
+        lambda m, d="cpu": m(_images(device=d)),
+        holder=_timm_features,
+        **_VIT,
+    ),
+    Case(
+        "torchvision", "torchvision", _torchvision, lambda m, d="cpu": m(_images(device=d)), **_VIT
+    ),
+    Case(
+        "transformers-vit",
+        "transformers",
+        _hf_vit,
+        lambda m, d="cpu": m(pixel_values=_images(device=d)).last_hidden_state,
+        holder=_hf_task,
+        **_VIT,
+    ),  # fmt: skip
+    Case(
+        "unet",
+        "unet",
+        _unet,
+        _run_unet,
+        holder=lambda u: _pipe_with(u, "unet"),
+        bad_at_apply={"max_downsample": 64},
+        **_DIFFUSION,
+    ),  # fmt: skip
+    *(
+        Case(
+            kind,
+            "dit",
+            _dit(kind),
+            _run_dit,
+            holder=lambda t, k=kind: _pipe_with(t, k),
+            bad_at_apply={"blocks": (0, 99)},
+            **_DIFFUSION,
+        )  # fmt: skip
+        for kind in ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
+    ),
+    Case(
+        "vit-adapter",
+        "vit_adapter",
+        _adapter,
+        _run_adapter,
+        methods=("atc", "tome"),
+        reduce={"reduction_ratio": 0.5, "reduction_loc": (1, 3)},  # 4 blocks: not (3, 6, 9)
+        zero={"reduction_ratio": 1.0, "reduction_loc": (1, 3)},
+        other={"reduction_ratio": 0.7, "reduction_loc": (1, 2)},
+        bad_at_apply={"reduction_ratio": 0.5, "reduction_loc": (9,)},
+        model_cannot={
+            w: "mmcv's multi_scale_deformable_attn_pytorch splits its values by the sizes in a "
+            "tensor (.item())"
+            for w in ("compile", "meta")
+        },
+    ),  # fmt: skip
+]
+
+# One (case, method) per row of the contract table.
+TABLE = [(case, method) for case in CASES for method in case.methods]
+
+
+def table_id(row: tuple[Case, str]) -> str:
+    return f"{row[0].name}-{row[1]}"
