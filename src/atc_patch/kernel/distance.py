@@ -20,41 +20,57 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
 
     Non-finite entries (NaN, +-inf) are replaced by 0 before normalising, and a vector whose
     norm is 0 stays the zero vector, so its cosine similarity to every token is 0 (cosine
-    distance 1). The result is always finite. (The sanitising pass runs only when some norm is
-    not finite, which a non-finite entry always causes.)
-
-    Raises:
-        ValueError: ``metric`` is a ``meta`` tensor: clustering needs its values.
+    distance 1). The result is always finite. The sanitising pass always runs (an identity on
+    finite values): deciding whether it is needed would read a flag on the host.
     """
-    if metric.is_meta:
-        raise ValueError(
-            "cluster_tokens needs the metric's values, got a 'meta' tensor: the partition depends "
-            "on the data. Pass a CPU or CUDA tensor (under torch.compile / export the kernel's "
-            "registered op, where available, gives the output shapes without values)."
-        )
-    x = metric.to(working_dtype(metric))
+    x = torch.nan_to_num(metric.to(working_dtype(metric)), nan=0.0, posinf=0.0, neginf=0.0)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    # (Under torch.compile the sanitising pass always runs: no host check inside a graph.)
-    if torch.compiler.is_compiling() or not bool(torch.isfinite(norm).all()):
-        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return torch.div(x, norm.clamp_min_(torch.finfo(x.dtype).tiny), out=out)
 
 
 @with_kernel_threads
 def cosine_distance(metric: Tensor) -> Tensor:
-    """``(B, N, C)`` -> ``(B, N, N)`` cosine distance ``1 - cos``, clamped to ``[0, 2]``."""
+    """``(B, N, C)`` -> ``(B, N, N)`` cosine distance ``1 - cos``, clamped to ``[0, 2]``.
+
+    Exactly symmetric (``min(d, d^T)``) with an exactly zero diagonal, so that equal
+    quantities (``d(a, b) + d(b, b)`` and ``d(a, a) + d(b, a)``, say) compare as equal and
+    ties are broken by the methods' rules, not by rounding.
+    """
     x = normalize_tokens(metric)
-    return (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
+    d = (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
+    d = torch.minimum(d, d.transpose(-1, -2))
+    d.diagonal(dim1=-2, dim2=-1).zero_()
+    return d
+
+
+def symmetrize_(d: Tensor) -> Tensor:
+    """Set the square ``(B, M, M)`` view ``d`` (any strides) to ``min(d, d^T)``, in place.
+
+    On the CPU in panels of 128 rows (no temporary as large as ``d``, whose fresh pages would
+    cost a fault each); elsewhere in two operations (the caching allocator has the memory).
+    """
+    m = d.shape[-1]
+    panel = 128 if d.device.type == "cpu" else m
+    for a in range(0, m, panel):
+        e = min(a + panel, m)
+        block = d[:, a:e, a:e]
+        block.copy_(torch.minimum(block, block.mT))
+        if e < m:
+            right, below = d[:, a:e, e:], d[:, e:, a:e]
+            torch.minimum(right, below.mT, out=right)
+            below.copy_(right.mT)
+    return d
 
 
 @with_kernel_threads
-def negative_cosine_workspace(metric: Tensor) -> Workspace:
+def negative_cosine_workspace(metric: Tensor, valid: Tensor | None = None) -> Workspace:
     """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, built by one matmul.
 
     The unit vectors go into a zero-padded ``(B, W, C)`` buffer and one ``baddbmm`` (``alpha =
-    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout; the scratch row and
-    padding columns (zero products) are then set to ``inf``.
+    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout, which is then made
+    exactly symmetric (:func:`symmetrize_`); the scratch row and padding columns (zero
+    products) are set to ``inf``. ``valid`` ``(B, N)`` (optional): tokens that are not real get
+    ``inf`` rows and columns, so they never merge.
     """
     b, n, c = metric.shape
     width = padded_width(n)
@@ -64,4 +80,8 @@ def negative_cosine_workspace(metric: Tensor) -> Workspace:
     normalize_tokens(metric, out=units[:, :n])
     ws = Workspace.empty(b, n, dtype, metric.device)
     ws.d.baddbmm_(units[:, : n + 1], units.transpose(1, 2), beta=0, alpha=-1)
+    symmetrize_(ws.d[:, :n, :n])
+    if valid is not None:
+        pair = valid[:, :, None] & valid[:, None, :]
+        ws.d[:, :n, :n].masked_fill_(~pair, float("inf"))
     return ws.finish()

@@ -132,8 +132,10 @@ def kernel_threads(device: torch.device | str) -> Iterator[None]:
     """Run the block with the kernel's intra-op threads (see the module docstring).
 
     Acts on CPU work only and on the calling thread only; restores its setting on exit.
+    Nothing happens while ``torch.compile`` traces (the graph runs later, under the caller's
+    own setting).
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
         yield
         return
     threads = torch.get_num_threads()  # also lets torch set up this thread's pool first
