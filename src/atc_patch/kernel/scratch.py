@@ -150,7 +150,8 @@ def set_workspace_limits(
     with _lock:
         previous = dict(_limits)
         _limits.update(max_threads=max_threads, max_bytes=max_bytes)
-    _enforce_limits(_mine())
+    in_call = getattr(_local, "depth", 0) > 0  # (then this thread's buffers are in use)
+    _enforce_limits(_mine() if in_call else None)
     return previous
 
 

@@ -165,17 +165,22 @@ def build_rows(
         )
     tile_valid, r_tile = static("tile_valid"), static("r_tile")
     real = mask[:, static("gather")].view(b, count, length).logical_and_(tile_valid)
-    n_real = real.sum(dim=2)  # (B, T)
-    cap = n_real.sub(1).clamp_min_(0) if method != "tome" else n_real.div(2, rounding_mode="floor")
-    r_real = torch.minimum(r_tile, cap)
-    r_rows = torch.stack([r_real, r_tile - r_real], dim=1).view(-1)  # (B, 2, T) -> (R,)
-    valid = torch.stack([real, real ^ tile_valid], dim=1)  # (B, 2, T, L)
-    clusters = torch.stack([n_real, static("sizes") - n_real], dim=1).view(-1).sub_(r_rows)
-    per_sample = clusters.view(b, -1)
-    offset = per_sample.cumsum(dim=1).sub_(per_sample).add_(protected).view(-1)
+    valid = torch.stack([real, real ^ tile_valid], dim=1)  # (B, 2, T, L): real, padding rows
+    tokens = valid.sum(dim=3)  # (B, 2, T)
+    # The real tokens' share: min(r_t, cap(real tokens)), tensors only (no host read).
+    if method == "tome":
+        cap = tokens[:, 0].div(2, rounding_mode="floor")
+    else:
+        cap = tokens[:, 0] - 1
+    r_real = torch.clamp(cap, min=static("zeros"), max=r_tile)
+    r_rows = torch.stack([r_real, r_tile - r_real], dim=1)  # the padding rows get the rest
+    clusters = (tokens - r_rows).view(b, -1)
+    offset = clusters.cumsum(dim=1).sub_(clusters).add_(protected).view(-1)
     target = torch.where(valid, static("target_tile"), n).view(b, -1)
     x = x[:, None].expand(b, 2, count, length, c).reshape(-1, length, c)
-    return Rows(x, valid.view(-1, length), r_rows, clusters, max_clusters, target, offset)
+    return Rows(
+        x, valid.view(-1, length), r_rows.view(-1), clusters.view(-1), max_clusters, target, offset
+    )
 
 
 @torch.compiler.assume_constant_result
@@ -209,6 +214,7 @@ def _static_arrays(
         "tile_valid": real,  # (T, L)
         "sizes": sizes,  # (T,)
         "r_tile": r_tile,  # (T,)
+        "zeros": np.zeros_like(r_tile),  # (T,)
         "valid": np.tile(real, (b, 1)),  # (B * T, L)
         "r": np.tile(r_tile, b),  # (B * T,)
         "clusters": np.tile(clusters, b),  # (B * T,)
