@@ -6,9 +6,10 @@ they were on a GPU:
 
 * a *launch* is an op that runs a kernel (views, reshapes and allocations are not);
 * a *host sync* is an op whose result the host must read (``aten._local_scalar_dense``, behind
-  ``.item()``, ``int()``, ``bool()``; ``nonzero``, ``masked_select``, ``unique`` and other ops
-  with data-dependent output shapes), plus ``Tensor.tolist()`` / ``.numpy()`` calls, which the
-  dispatcher does not see on the CPU and are counted by wrapping them.
+  ``.item()``, ``int()``, ``bool()``; ``nonzero``, ``masked_select``, ``unique``, ``x[mask]``
+  and other ops with data-dependent output shapes), plus the host reads the dispatcher does
+  not always see on the CPU (``Tensor.tolist()`` / ``.numpy()``; ``int()`` / ``float()`` /
+  ``.item()`` under ``torch.inference_mode``), counted by wrapping those methods.
 
 The fused Triton path runs its kernel under ``TRITON_INTERPRET=1`` on the CPU; here its
 launch is replaced by a stub that counts one launch (the interpreter's own bookkeeping is
@@ -78,6 +79,7 @@ class CostCounter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
+        self._reading = False  # inside a wrapped host read (counted once, there)
         self.launches = 0
         self.syncs = 0
         self.ops: Counter[str] = Counter()
@@ -85,7 +87,7 @@ class CostCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if func in SYNC_OPS or _boolean_index(func, args):
+        if (func in SYNC_OPS or _boolean_index(func, args)) and not self._reading:
             self.syncs += 1
             self.sync_ops[name] += 1
         if not func.is_view and name not in _NO_LAUNCH and func not in SYNC_OPS:
@@ -95,15 +97,20 @@ class CostCounter(TorchDispatchMode):
 
     @contextlib.contextmanager
     def host_reads(self) -> Iterator[None]:
-        """Also count ``Tensor.tolist`` / ``Tensor.numpy`` (invisible to the dispatcher on the
-        CPU, a device-to-host copy on a GPU)."""
-        saved = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy")}
+        """Also count the host reads the dispatcher may not see (see the module doc)."""
+        saved = {n: getattr(torch.Tensor, n) for n in _READS}
 
         def wrap(n: str, fn: Callable) -> Callable:
             def counted(t, *a, **k):
+                if self._reading:
+                    return fn(t, *a, **k)
                 self.syncs += 1
                 self.sync_ops[n] += 1
-                return fn(t, *a, **k)
+                self._reading = True
+                try:
+                    return fn(t, *a, **k)
+                finally:
+                    self._reading = False
 
             return counted
 
@@ -114,6 +121,9 @@ class CostCounter(TorchDispatchMode):
         finally:
             for n, fn in saved.items():
                 setattr(torch.Tensor, n, fn)
+
+
+_READS = ("tolist", "numpy", "item", "__int__", "__float__", "__index__", "__bool__")
 
 
 def count(fn: Callable[[], Any], warmup: bool = True) -> CostCounter:

@@ -41,6 +41,9 @@ def test_the_counter_sees_host_reads() -> None:
         lambda: t[t > 0],
     ):
         assert costs.count(read, warmup=False).syncs == 1
+    with torch.inference_mode():  # where int() of a CPU tensor bypasses the dispatcher
+        x = t.argmax()
+        assert costs.count(lambda: int(x), warmup=False).syncs == 1
     assert costs.count(lambda: (t * 2).sum(), warmup=False).syncs == 0
     assert costs.count(lambda: (t * 2).sum(), warmup=False).launches == 2
 

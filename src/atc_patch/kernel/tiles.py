@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,9 +130,9 @@ class Rows:
     def write(self, local: Tensor, num_tokens: int) -> Tensor:
         """``(B, N)`` labels from the rows' local labels ``(R, L)`` (each row's real tokens in
         ``[0, clusters)``); protected tokens keep slots ``0 .. protected-1``."""
-        b = self.target.shape[0]
+        b, width = self.target.shape
         out = torch.arange(num_tokens + 1, device=local.device).repeat(b, 1)
-        values = (local + self.offset[:, None]).view(b, -1)
+        values = (local + self.offset[:, None]).view(b, width)
         return out.scatter_(1, self.target, values)[:, :num_tokens]
 
 
@@ -174,9 +175,9 @@ def build_rows(
         cap = tokens[:, 0] - 1
     r_real = torch.clamp(cap, min=static("zeros"), max=r_tile)
     r_rows = torch.stack([r_real, r_tile - r_real], dim=1)  # the padding rows get the rest
-    clusters = (tokens - r_rows).view(b, -1)
+    clusters = (tokens - r_rows).view(b, 2 * count)
     offset = clusters.cumsum(dim=1).sub_(clusters).add_(protected).view(-1)
-    target = torch.where(valid, static("target_tile"), n).view(b, -1)
+    target = torch.where(valid, static("target_tile"), n).view(b, 2 * count * length)
     x = x[:, None].expand(b, 2, count, length, c).reshape(-1, length, c)
     return Rows(
         x, valid.view(-1, length), r_rows.view(-1), clusters.view(-1), max_clusters, target, offset
@@ -239,6 +240,7 @@ def _static_values(field: str, *key: Any) -> tuple[tuple[int, ...], tuple[int, .
 
 _TENSORS: OrderedDict[tuple, Tensor] = OrderedDict()
 _TENSORS_KEPT = 256
+_TENSORS_LOCK = threading.Lock()
 
 
 def _static_tensor(field: str, *key: Any) -> Tensor:
@@ -249,12 +251,15 @@ def _static_tensor(field: str, *key: Any) -> Tensor:
     if torch.compiler.is_compiling():
         values, shape = _static_values(field, *key[:-1])
         return torch.tensor(values, dtype=dtype, device=key[-1]).view(shape)
-    out = _TENSORS.get((field, *key))
-    if out is None:
-        array = np.ascontiguousarray(_static_arrays(*key[:-1])[field])
-        out = _TENSORS[(field, *key)] = torch.tensor(array, dtype=dtype, device=key[-1])
+    with _TENSORS_LOCK:  # (threads and replicas share the cache)
+        out = _TENSORS.get((field, *key))
+        if out is not None:
+            _TENSORS.move_to_end((field, *key))
+            return out
+    array = np.ascontiguousarray(_static_arrays(*key[:-1])[field])
+    out = torch.tensor(array, dtype=dtype, device=key[-1])
+    with _TENSORS_LOCK:
+        _TENSORS[(field, *key)] = out
         if len(_TENSORS) > _TENSORS_KEPT:
             _TENSORS.popitem(last=False)
-    else:
-        _TENSORS.move_to_end((field, *key))
     return out
