@@ -43,34 +43,16 @@ def cosine_distance(metric: Tensor) -> Tensor:
     return d
 
 
-def symmetrize_(d: Tensor) -> Tensor:
-    """Set the square ``(B, M, M)`` view ``d`` (any strides) to ``min(d, d^T)``, in place.
-
-    On the CPU in panels of 128 rows (no temporary as large as ``d``, whose fresh pages would
-    cost a fault each); elsewhere in two operations (the caching allocator has the memory).
-    """
-    m = d.shape[-1]
-    panel = 128 if d.device.type == "cpu" else m
-    for a in range(0, m, panel):
-        e = min(a + panel, m)
-        block = d[:, a:e, a:e]
-        block.copy_(torch.minimum(block, block.mT))
-        if e < m:
-            right, below = d[:, a:e, e:], d[:, e:, a:e]
-            torch.minimum(right, below.mT, out=right)
-            below.copy_(right.mT)
-    return d
-
-
 @with_kernel_threads
 def negative_cosine_workspace(metric: Tensor, valid: Tensor | None = None) -> Workspace:
-    """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, built by one matmul.
+    """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, exactly symmetric.
 
-    The unit vectors go into a zero-padded ``(B, W, C)`` buffer and one ``baddbmm`` (``alpha =
-    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout, which is then made
-    exactly symmetric (:func:`symmetrize_`); the scratch row and padding columns (zero
-    products) are set to ``inf``. ``valid`` ``(B, N)`` (optional): tokens that are not real get
-    ``inf`` rows and columns, so they never merge.
+    The unit vectors go into a zero-padded ``(B, W, C)`` buffer and ``baddbmm`` (``alpha =
+    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout: the upper triangle
+    only, panel by panel (64 rows on the CPU; one panel elsewhere), each panel's lower part
+    then copied from its mirror image (a matmul's two halves may differ in the last bit); the
+    scratch row and padding columns are set to ``inf``. ``valid`` ``(B, N)`` (optional):
+    tokens that are not real get ``inf`` rows and columns, so they never merge.
     """
     b, n, c = metric.shape
     width = padded_width(n)
@@ -79,8 +61,15 @@ def negative_cosine_workspace(metric: Tensor, valid: Tensor | None = None) -> Wo
     units[:, n:].zero_()
     normalize_tokens(metric, out=units[:, :n])
     ws = Workspace.empty(b, n, dtype, metric.device)
-    ws.d.baddbmm_(units[:, : n + 1], units.transpose(1, 2), beta=0, alpha=-1)
-    symmetrize_(ws.d[:, :n, :n])
+    panel = 64 if metric.device.type == "cpu" else max(n, 1)
+    for a in range(0, n, panel):
+        e = min(a + panel, n)
+        ws.d[:, a:e, a:n].baddbmm_(units[:, a:e], units[:, a:n].mT, beta=0, alpha=-1)
+        block = ws.d[:, a:e, a:e]
+        upper = torch.ones(e - a, e - a, dtype=torch.bool, device=metric.device).triu_()
+        block.copy_(torch.where(upper, block, block.mT))
+        if e < n:
+            ws.d[:, e:n, a:e].copy_(ws.d[:, a:e, e:n].mT)
     if valid is not None:
         pair = valid[:, :, None] & valid[:, None, :]
         ws.d[:, :n, :n].masked_fill_(~pair, float("inf"))
