@@ -1,15 +1,19 @@
 """Run the fused Triton ATC path under Triton's interpreter and check it (a subprocess of
 tests/test_triton_kernel.py: ``TRITON_INTERPRET=1`` must be set before triton is imported).
 
-Prints one JSON line: exactness failures against scipy (float64 metrics), the float32
-agreement rate, property failures and the host synchronisations / ops of fused calls.
+Prints one JSON line: exactness failures against scipy (float64 metrics; whole rows, tiles
+and padding masks), the float32 agreement rate, property failures and the host
+synchronisations and launches of fused calls (``benchmarks/kernel_costs.py``'s counter, with
+the kernel's launch stubbed out: the interpreter's bookkeeping is not what a GPU runs).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -17,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.cluster.hierarchy import cut_tree, linkage  # noqa: E402
 from scipy.spatial.distance import squareform  # noqa: E402
+from test_kernel_tiles import tile_rs, tiles_of  # noqa: E402
 
 import atc_patch  # noqa: E402
 
@@ -68,15 +73,80 @@ def check(metric: torch.Tensor, r: int, name: str, p: int, failures: list, exact
     return agree
 
 
-def sync_counts(n: int, name: str, r: int) -> dict:
-    """Host synchronisations and top-level ops of one fused call, from the profiler."""
-    metric = torch.randn(2, n, 16)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        atc_patch.cluster_tokens(metric, r, linkage=name, protected=1, backend="triton")
-    names = [e.name for e in prof.events()]
-    syncs = sum(x in ("aten::_local_scalar_dense", "aten::item") for x in names)
-    top = sum(e.cpu_parent is None and e.name.startswith("aten::") for e in prof.events())
-    return {"n": n, "linkage": name, "syncs": syncs, "top_level_ops": top}
+def _costs():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_costs.py"
+    spec = importlib.util.spec_from_file_location("kernel_costs_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sync_counts(n: int, name: str, r: int, path: str) -> dict:
+    """Host synchronisations and launches of one fused call (its second; the first builds
+    the cached index tensors of a tiled or masked call)."""
+    costs = _costs()
+    metric = torch.randn(2, 1 + n, 16)
+    side = int(n**0.5)
+    kw = {
+        "plain": {},
+        "tiles": {"grid": (side, n // side), "tile": (16, 16)},
+        "mask": {"mask": torch.rand(2, 1 + n) > 0.2},
+    }[path]
+    with costs.stub_triton_launch() as launches:
+        c = costs.count(
+            lambda: atc_patch.cluster_tokens(
+                metric, r, linkage=name, protected=1, backend="triton", **kw
+            )
+        )
+    return {
+        "n": n,
+        "linkage": name,
+        "path": path,
+        "syncs": c.syncs,
+        "launches": c.launches + len(launches) // 2,
+    }
+
+
+def tiled(failures: list) -> int:
+    """Tiles (ragged, 2-D and 3-D) and padding masks: scipy's partition per tile and per
+    real / padding part, and the torch path's labels."""
+    gen = torch.Generator().manual_seed(1)
+    cases = 0
+    for name in LINKAGES:
+        for grid, tile, p in (((6, 6), (4, 4), 0), ((5, 7), (3, 4), 1), ((2, 4, 5), (2, 3, 3), 1)):
+            n = p + int(np.prod(grid))
+            metric = torch.randn(2, n, 8, dtype=torch.float64, generator=gen)
+            mask = torch.rand(2, n, generator=gen) > 0.3
+            for r in (1, n // 3, n):
+                kw = {"linkage": name, "protected": p, "grid": grid, "tile": tile}
+                fused = atc_patch.cluster_tokens(metric, r, backend="triton", **kw)
+                for i in range(2):
+                    for tokens, r_t in zip(tiles_of(grid, tile), tile_rs("atc", r, grid, tile)):
+                        pos = torch.tensor(tokens) + p
+                        ref = scipy_cut(metric[i, pos], name, len(tokens) - r_t)
+                        if len(tokens) > 1 and not same_partition(fused.labels[i, pos], ref):
+                            failures.append(("tile scipy", name, grid, tile, r, i))
+                masked = atc_patch.cluster_tokens(metric, r, backend="triton", mask=mask, **kw)
+                want = atc_patch.cluster_tokens(metric, r, backend="torch", mask=mask, **kw)
+                if not torch.equal(masked.labels, want.labels):
+                    failures.append(("mask torch path", name, grid, tile, r))
+                cases += 1
+        metric = torch.randn(2, 41, 8, dtype=torch.float64, generator=gen)
+        mask = torch.rand(2, 41, generator=gen) > 0.3
+        for r in (3, 20, 38):
+            plan = atc_patch.cluster_tokens(
+                metric, r, linkage=name, protected=1, mask=mask, backend="triton"
+            )
+            for i in range(2):
+                real = mask[i].clone()
+                real[0] = False
+                n_real = int(real.sum())
+                ref = scipy_cut(metric[i, real], name, n_real - min(r, n_real - 1))
+                if not same_partition(plan.labels[i, real], ref):
+                    failures.append(("mask scipy", name, r, i))
+            cases += 1
+    return cases
 
 
 def main() -> None:
@@ -110,8 +180,13 @@ def main() -> None:
     want = atc_patch.cluster_tokens(half.float(), 13, backend="triton").labels
     if not torch.equal(atc_patch.cluster_tokens(half, 13, backend="triton").labels, want):
         failures.append(("bf16 not clustered in float32",))
-    syncs = [sync_counts(n, name, 3) for n in (197, 1024) for name in LINKAGES[:1]]
-    syncs += [sync_counts(197, name, 59) for name in LINKAGES[1:]]
+    cases += tiled(failures)
+    syncs = [
+        sync_counts(n, name, n // 2, path)
+        for n in (196, 1024, 4096)
+        for name in LINKAGES
+        for path in ("plain", "tiles", "mask")
+    ]
     out = {"cases": cases, "failures": failures, "f32_agree": agree, "f32_total": total}
     print(json.dumps({**out, "syncs": syncs}))
 

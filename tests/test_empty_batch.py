@@ -44,6 +44,20 @@ def test_kernel_empty_batch(method: str, kwargs: dict, protected: int) -> None:
     assert plan.sizes().shape == (0, plan.num_out)
 
 
+@pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
+@pytest.mark.parametrize("path", ["tiles", "mask", "tiles + mask"])
+def test_kernel_empty_batch_tiled_or_masked(method: str, path: str) -> None:
+    def call(b: int) -> atc_patch.MergePlan:
+        kw = {"grid": (3, 3), "tile": (2, 2)} if "tiles" in path else {}
+        if "mask" in path:
+            kw["mask"] = torch.ones(b, 10, dtype=torch.bool)
+        return atc_patch.cluster_tokens(torch.randn(b, 10, 8), 3, method, protected=1, **kw)
+
+    plan, one = call(0), call(1)
+    assert plan.labels.shape == (0, 10) and plan.num_out == one.num_out
+    assert plan.merge(torch.randn(0, 10, 4)).shape == (0, plan.num_out, 4)
+
+
 def test_empty_plan_from_labels() -> None:
     plan = MergePlan(torch.zeros(0, 6, dtype=torch.long), 4)
     assert plan.merge(torch.randn(0, 6, 3)).shape == (0, 4, 3)

@@ -79,11 +79,6 @@ def test_validate_false_skips_value_checks() -> None:
     MergePlan(torch.tensor([[0, 0]]), 2, validate=False)  # unused slot: the caller's promise
 
 
-def test_meta_metric_clear_error() -> None:
-    with pytest.raises(ValueError, match="'meta' tensor"):
-        atc_patch.cluster_tokens(torch.empty(2, 50, 8, device="meta"), 20)
-
-
 # --- sizes in float32 (issue 10.5) -------------------------------------------------------------
 
 

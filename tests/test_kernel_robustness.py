@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,15 +18,43 @@ METHODS = ["atc", "tome", "kmedoids", "dpcknn"]
         ({"method": "atc", "linkage": "ward"}, "linkage must be one of .*'single'"),
         ({"method": "tome", "linkage": "single"}, "linkage applies to method='atc' only"),
         ({"r": -1}, r"r must be >= 0"),
-        ({"r": 2.5}, "r must be an int"),
-        ({"protected": -1}, "protected must be an int >= 0"),
+        ({"r": 2.5}, "r must be an integer .*integral float.*got the non-integral 2.5"),
+        ({"r": True}, r"r must be an integer \(an int, a numpy integer"),
+        ({"r": "3"}, "r must be an integer"),
+        ({"r": torch.tensor(True)}, "r must be an integer"),
+        ({"r": torch.tensor([3])}, "r must be an integer .*array of shape"),
+        ({"r": np.float64(2.5)}, "non-integral"),
+        ({"protected": -1}, "protected must be >= 0"),
+        ({"protected": 1.5}, "protected must be an integer"),
         ({"protected": 11}, "exceeds the 10 tokens"),
         ({"method": "tome_sd"}, "needs the token grid"),
-        ({"method": "tome_sd", "h": 3, "w": 3}, r"h \* w = 3 \* 3 != 10"),
+        ({"method": "tome_sd", "h": 3, "w": 3}, r"grid 3 x 3 = 9 tokens, but metric has 10"),
+        ({"method": "tome_sd", "h": 2}, "give both h and w"),
+        ({"method": "tome_sd", "h": 2, "w": 5, "grid": (2, 5)}, "not both"),
         ({"method": "tome_sd", "h": 2, "w": 5, "protected": 1}, "use protected=0"),
-        ({"method": "tome_sd", "h": 2, "w": 5, "sx": 0}, "sx must be an int >= 1"),
-        ({"method": "dpcknn", "k": 0}, "k must be an int >= 1"),
-        ({"method": "kmedoids", "iters": 0}, "iters must be an int >= 1"),
+        ({"method": "tome_sd", "h": 2, "w": 5, "sx": 0}, "sx must be >= 1"),
+        ({"method": "tome_sd", "h": 2, "w": 5, "st": 2}, r"st .* needs a 3-D grid"),
+        ({"method": "tome_sd", "grid": (2, 5), "tile": (1, 1)}, "takes no tile"),
+        ({"method": "tome_sd", "grid": (2, 5), "mask": torch.ones(2, 10)}, "takes no mask"),
+        ({"method": "atc", "sx": 2}, "sx applies to method='tome_sd' only"),
+        ({"method": "atc", "h": 2, "w": 5}, "h applies to method='tome_sd' only"),
+        ({"method": "tome", "no_rand": True}, "no_rand applies to method='tome_sd' only"),
+        ({"method": "atc", "k": 3}, "k applies to method='dpcknn' only"),
+        ({"method": "dpcknn", "iters": 3}, "iters applies to method='kmedoids' only"),
+        ({"method": "dpcknn", "k": 0}, "k must be >= 1"),
+        ({"method": "kmedoids", "iters": 0}, "iters must be >= 1"),
+        ({"grid": (3, 3)}, r"grid 3 x 3 = 9 tokens, but metric has 10 tokens"),
+        ({"grid": (2, 2, 2, 2)}, r"grid must be \(h, w\) or \(t, h, w\)"),
+        ({"grid": "2x5"}, r"grid must be \(h, w\)"),
+        ({"grid": (2, 5.5)}, r"grid\[1\] must be an integer"),
+        ({"tile": (2, 2)}, "tile needs the token grid"),
+        ({"grid": (2, 5), "tile": (2,)}, "tile must have one size per grid axis"),
+        ({"grid": (2, 5), "tile": (0, 2)}, r"tile\[0\] must be >= 1"),
+        ({"mask": torch.ones(2, 9, dtype=torch.bool)}, r"mask must be a \(B, N\)"),
+        ({"mask": torch.zeros(2, 10)}, "additive attention mask is not a token mask"),
+        ({"mask": [[True] * 10] * 2}, r"mask must be a \(B, N\)"),
+        ({"backend": "cuda"}, "backend must be one of"),
+        ({"backend": "triton", "method": "tome"}, "applies to method='atc' only"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
@@ -43,6 +72,31 @@ def test_bad_shapes(bad) -> None:
 def test_integer_metric_rejected() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         atc_patch.cluster_tokens(torch.ones(1, 5, 3, dtype=torch.long), r=2)
+
+
+@pytest.mark.parametrize("r", [6, np.int64(6), torch.tensor(6), 6.0, np.float32(6.0)])
+def test_r_of_any_integral_type(r) -> None:
+    """One number rule (``atc_patch._validate.as_int``): the forms ``apply_patch`` accepts."""
+    metric = torch.randn(2, 20, 8)
+    want = atc_patch.cluster_tokens(metric, 6)
+    got = atc_patch.cluster_tokens(metric, r)
+    assert got.num_out == 14 and torch.equal(got.labels, want.labels)
+
+
+def test_every_integer_argument_follows_the_number_rule() -> None:
+    metric = torch.randn(2, 1 + 24, 8)
+    kw = {"protected": np.int64(1), "grid": (np.int64(4), 6.0), "tile": (torch.tensor(2), 3)}
+    got = atc_patch.cluster_tokens(metric, torch.tensor(8), **kw)
+    want = atc_patch.cluster_tokens(metric, 8, protected=1, grid=(4, 6), tile=(2, 3))
+    assert torch.equal(got.labels, want.labels)
+    for method, opts in (("kmedoids", {"iters": 3.0}), ("dpcknn", {"k": np.int32(3)})):
+        ints = {k: int(v) for k, v in opts.items()}
+        assert torch.equal(
+            atc_patch.cluster_tokens(metric, 8, method, **opts).labels,
+            atc_patch.cluster_tokens(metric, 8, method, **ints).labels,
+        )
+    sd = atc_patch.cluster_tokens(metric[:, 1:], 8, "tome_sd", h=4.0, w=np.int64(6), sx=2.0)
+    assert sd.num_out == 16
 
 
 def test_r_is_clamped_to_what_the_method_can_remove() -> None:

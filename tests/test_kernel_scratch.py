@@ -151,6 +151,29 @@ def test_max_bytes_bounds_the_total() -> None:
         release_workspace()
 
 
+def test_max_bytes_bounds_a_single_threaded_program() -> None:
+    """``d10``: the limit holds once a call has returned, for the calling thread's own buffers
+    too (``max_bytes=0``: nothing is kept); a limit above a call's needs keeps them."""
+    metric = torch.randn(2, 1024, 16)
+    release_workspace()
+    previous = set_workspace_limits(max_threads=8, max_bytes=0)
+    try:
+        want = atc_patch.cluster_tokens(metric, 512).labels
+        assert workspace_bytes(all_threads=True) == 0
+        set_workspace_limits(max_threads=8, max_bytes=1 << 20)  # a call needs ~9 MB
+        assert torch.equal(atc_patch.cluster_tokens(metric, 512).labels, want)
+        assert workspace_bytes(all_threads=True) <= 1 << 20
+        set_workspace_limits(max_threads=8, max_bytes=1 << 30)
+        atc_patch.cluster_tokens(metric, 512)
+        kept = workspace_bytes()
+        assert 1 << 20 < kept <= 1 << 30
+        set_workspace_limits(max_threads=8, max_bytes=kept - 1)  # no call in flight: at once
+        assert workspace_bytes(all_threads=True) == 0
+    finally:
+        set_workspace_limits(**previous)
+        release_workspace()
+
+
 def test_finished_threads_leave_nothing() -> None:
     release_workspace()
     threads, done = _hold_buffers_in_threads(3)

@@ -2,9 +2,10 @@
 bad input the same way: a ``ValueError`` that names the option, what it got and the valid
 choices (an unsupported *model* is a ``TypeError``, see :func:`atc_patch.apply_patch`).
 
-Numbers: integral values of any numeric type are accepted as ints (``4``, ``4.0``,
-``numpy.int64(4)``, a 0-d integer tensor); non-integral values, strings and bools are
-rejected. Floats accept any real number type except bools and strings.
+Numbers, one rule for the whole public API (:func:`as_int`): integral values of any numeric
+type are accepted as ints (``4``, ``4.0``, ``numpy.int64(4)``, a 0-d integer tensor);
+non-integral values, strings and bools are rejected with a ``ValueError`` naming what is
+accepted. Floats accept any real number type except bools and strings.
 """
 
 from __future__ import annotations
@@ -68,30 +69,52 @@ def check_options(
     raise ValueError(msg)
 
 
+#: What :func:`as_int` accepts, for error messages.
+INTEGER_FORMS = "an int, a numpy integer, a 0-d integer tensor or an integral float such as 6.0"
+
+
 def as_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as a Python int if it is an integral number (not a bool or a string).
+    """``value`` as a Python int if it is an integral number: the one number rule of the API.
+
+    Accepted: ``int``, numpy integers, 0-d integer (or integral floating) tensors and arrays,
+    and integral floats (``6.0``). Reading a tensor's value is a host synchronisation (on a GPU
+    it waits for the queue), so pass plain ints on hot paths.
 
     Raises:
-        ValueError: for bools, strings, non-numbers, non-integral numbers, or values below
-            ``minimum``.
+        ValueError: for bools (also bool tensors), strings, non-numbers, tensors or arrays with
+            more than one element, non-integral numbers, or values below ``minimum``; the
+            message names what is accepted.
     """
-    if isinstance(value, (bool, str, bytes)) or getattr(value, "dtype", None) == "bool":
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+    bad = ValueError(f"{name} must be an integer ({INTEGER_FORMS}), got {value!r}")
+    if isinstance(value, (bool, str, bytes)) or _is_bool_dtype(value):
+        raise bad
+    if getattr(value, "ndim", 0) != 0:
+        raise ValueError(
+            f"{name} must be an integer ({INTEGER_FORMS}), got an array of shape "
+            f"{tuple(value.shape)}"
+        )
     try:
         out = operator.index(value)  # int, numpy integers, 0-d integer tensors
     except TypeError:
         if not isinstance(value, numbers.Real) and not hasattr(value, "__float__"):
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+            raise bad from None
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+            raise bad from None
         if not f.is_integer():
-            raise ValueError(f"{name} must be an integer, got the non-integral {value!r}") from None
+            raise ValueError(
+                f"{name} must be an integer ({INTEGER_FORMS}), got the non-integral {value!r}"
+            ) from None
         out = int(f)
     if minimum is not None and out < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {out}")
     return int(out)
+
+
+def _is_bool_dtype(value: Any) -> bool:
+    """True for numpy and torch booleans (scalars, arrays, tensors)."""
+    return str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
 
 
 def as_float(name: str, value: Any) -> float:
@@ -100,7 +123,7 @@ def as_float(name: str, value: Any) -> float:
     Raises:
         ValueError: for bools, strings and non-numbers.
     """
-    if isinstance(value, (bool, str, bytes)) or getattr(value, "dtype", None) == "bool":
+    if isinstance(value, (bool, str, bytes)) or _is_bool_dtype(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not isinstance(value, numbers.Real) and not hasattr(value, "__float__"):
         raise ValueError(f"{name} must be a number, got {value!r}")

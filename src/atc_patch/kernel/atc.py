@@ -24,10 +24,14 @@ set, so cutting there gives the partition of ``scipy.cluster.hierarchy.linkage``
   (an edge of the minimum spanning tree, whose ``r`` lowest edges are the ``r`` lowest
   single-linkage merges); rows are min-reduced by component and columns are never touched.
 
-Host synchronisations (``stats["syncs"]``): two per round (a width that is a tensor shape, and
-the stop test), one for the cut, one per batch subset; the cosine workspace adds one (are all
-norms finite?). Rounds are few: 3-4 for 196 tokens, 4-10 for 4096. No numpy, no per-sample
-loop.
+Host synchronisations (``stats["syncs"]``): one per round plus one, each reading three numbers
+at once (is any sample unfinished, how many pairs merge, how many rows to re-scan: widths that
+are tensor shapes); the cut and the batch subsets add none. Rounds are few: 3-4 for 196
+tokens, 4-10 for 4096. No numpy, no per-sample loop.
+
+Rows may differ in ``r`` (a ``(B,)`` tensor) and hold entries that are not tokens (``valid``:
+their distances are ``inf``, so they never merge, and they get no slot): the rows of tiled
+and masked calls (:mod:`~atc_patch.kernel.tiles`).
 """
 
 from __future__ import annotations
@@ -38,8 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .centers import canonical_labels
-from .scratch import scratch
+from .scratch import call_scope, scratch
 from .threads import with_kernel_threads
 
 LINKAGES = ("single", "complete", "average")
@@ -87,55 +90,89 @@ def padded_width(m: int) -> int:
     return (m // block + 1) * block
 
 
-def agglomerative_labels(dist: Tensor, r: int, linkage: str, stats: dict | None = None) -> Tensor:
+def agglomerative_labels(
+    dist: Tensor,
+    r: int | Tensor,
+    linkage: str,
+    stats: dict | None = None,
+    valid: Tensor | None = None,
+) -> Tensor:
     """Cut the ``linkage`` dendrogram of ``dist`` after its ``r`` lowest merges.
 
     Args:
         dist: ``(B, M, M)`` finite dissimilarities (the diagonal is ignored; an asymmetric
             matrix is read as ``min(d, d^T)``). Any increasing affine map of cosine distance
             (e.g. ``-cos``) gives the same result. Not modified.
-        r: merges to apply, ``0 <= r <= M - 1``.
+        r: merges to apply, ``0 <= r <= M - 1``: an int, or a ``(B,)`` int64 tensor (per row,
+            at most the row's real tokens minus one).
         linkage: ``"single"``, ``"complete"`` or ``"average"``.
         stats: if given, filled with ``rounds`` and ``syncs`` (host synchronisations).
+        valid: ``(B, M)`` bool, optional: the real tokens of each row (the others never merge).
 
     Returns:
         ``(B, M)`` int64 labels in ``[0, M - r)``; clusters are numbered in the order of
-        their smallest token index.
+        their smallest token (with ``valid``: real tokens' clusters only, ``-1`` elsewhere).
     """
     b, m, _ = dist.shape
     ws = Workspace.empty(b, m, dist.dtype, dist.device)
     torch.minimum(dist, dist.mT, out=ws.d[:, :m, :m])
-    return agglomerative_labels_ws(ws.finish(), r, linkage, stats)
+    if valid is not None:
+        ws.d[:, :m, :m].masked_fill_(~(valid[:, :, None] & valid[:, None, :]), _INF)
+    return agglomerative_labels_ws(ws.finish(), r, linkage, stats, valid)
 
 
 @with_kernel_threads
 def agglomerative_labels_ws(
-    ws: Workspace, r: int, linkage: str, stats: dict | None = None
+    ws: Workspace,
+    r: int | Tensor,
+    linkage: str,
+    stats: dict | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """:func:`agglomerative_labels` on a prepared :class:`Workspace` (which it overwrites).
 
-    :func:`~atc_patch.kernel.distance.negative_cosine_workspace` builds one with one matmul.
-    Its matrix may be asymmetric in the last bit (a matmul need not be exactly symmetric);
-    the rounds read rows, and a near-tie that this turns into a nearest-neighbour cycle
-    longer than a pair is resolved without stalling (:func:`_closest_pair`).
+    :func:`~atc_patch.kernel.distance.negative_cosine_workspace` builds one with one matmul,
+    exactly symmetric and with ``inf`` rows and columns for the tokens that ``valid`` marks
+    as not real (``valid`` here only numbers the slots). Should a row still be asymmetric in
+    the last bit, a near-tie that this turns into a nearest-neighbour cycle longer than a pair
+    is resolved without stalling (:func:`_closest_pair`).
     """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     b, m = ws.d.shape[0], ws.m
-    if r <= 0 or b == 0:  # nothing to merge, or an empty batch: (B, M) labels all the same
-        return torch.arange(m, device=ws.d.device).expand(b, m).clone()
+    if b == 0 or (isinstance(r, int) and r <= 0):  # an empty batch, or nothing to merge
+        labels = torch.arange(m, device=ws.d.device).expand(b, m).clone()
+        return labels if valid is None else number_clusters(labels, valid)
+    if isinstance(r, int):
+        r = torch.full((b,), r, device=ws.d.device, dtype=torch.long)
     counter = {"rounds": 0, "syncs": 0}
-    with torch.inference_mode():  # no autograd bookkeeping on the many small ops
+    with call_scope(), torch.inference_mode():  # no autograd bookkeeping on the small ops
         if linkage == "single":
             parent, height, when = _boruvka_rounds(ws, r, counter)
-            labels = _cut(parent, height, when, r, max_depth=m, counter=counter)
-            labels = canonical_labels(labels, m - r)
+            root = _cut(parent, height, when, r, max_depth=m)
         else:
             parent, height, when = _rnn_rounds(ws, r, linkage, counter)
-            labels = _cut(parent, height, when, r, max_depth=counter["rounds"], counter=counter)
+            root = _cut(parent, height, when, r, max_depth=counter["rounds"])
+        labels = number_clusters(root, valid)
     if stats is not None:
         stats.update(counter)
     return labels.clone()  # a normal tensor: callers may use it in autograd graphs
+
+
+def number_clusters(root: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Slots ``(B, M)`` from ``root`` (any member of each token's cluster, ``(B, M)``):
+    clusters numbered in the order of their smallest token. With ``valid`` ``(B, M)`` only
+    real tokens' clusters are numbered (clusters never mix real and other entries); the
+    other entries get ``-1``."""
+    b, m = root.shape
+    tokens = torch.arange(m, device=root.device).expand(b, m)
+    smallest = torch.full_like(root, m).scatter_reduce_(1, root, tokens, "amin")
+    first = smallest.gather(1, root)  # each token's cluster's smallest member
+    is_first = first == tokens
+    if valid is not None:
+        is_first &= valid
+    slot = (is_first.long().cumsum(dim=1) - 1).gather(1, first)
+    return slot if valid is None else slot.masked_fill_(~valid, -1)
 
 
 def _row_argmin(rows: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -202,16 +239,17 @@ def _empty_records(d: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
     return parent, height, torch.full((b, m1), m, device=d.device, dtype=torch.long)
 
 
-def _unfinished(height: Tensor, dmin: Tensor, r: int) -> Tensor:
-    """``(B, 1)``: samples whose ``r`` lowest merges are not known yet.
+def _unfinished(height: Tensor, dmin: Tensor, r: Tensor) -> Tensor:
+    """``(B, 1)``: samples whose ``r`` ``(B,)`` lowest merges are not known yet.
 
     They are known once ``r`` recorded merges (``height`` ``(B, M)``) are no higher than the
     smallest distance left (``dmin`` ``(B, n)``): by reducibility no later merge is lower.
     """
-    return (height <= dmin.amin(dim=1, keepdim=True)).sum(dim=1, keepdim=True) < r
+    known = (height <= dmin.amin(dim=1, keepdim=True)).sum(dim=1, keepdim=True)
+    return known < r[:, None]
 
 
-def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
+def _rnn_rounds(ws: Workspace, r: Tensor, linkage: str, counter: dict):
     """Complete/average linkage: reciprocal-nearest-neighbour rounds, in place on ``ws.d``.
 
     Returns the merge records ``parent``, ``height``, ``when`` ``(B, M)``: for every absorbed
@@ -223,28 +261,31 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
     and adds ``penalty`` (``inf`` at dead columns). A sample whose ``r`` lowest merges are
     known stops merging; once at most half of a batch of 8 or more is unfinished, the rounds
     go on with those samples only (a copy of their matrices), since late rounds are many
-    small operations whose cost grows with the batch.
+    small operations whose cost grows with the batch. One host read per round.
     """
     m, block = ws.m, ws.block
-    st = _RoundState.start(ws.d, m, block)
+    st = _RoundState.start(ws.d, m, block, r)
     records = st.parent, st.height, st.when  # the whole batch's; st's may become a subset
     batch = None  # the whole-batch sample of each of st's samples, once a subset
     inf = torch.tensor(_INF, device=st.d.device, dtype=st.d.dtype)
     rescanned = False
     while True:
-        b, m1, w = st.d.shape
+        b = st.d.shape[0]
         mutual = (st.nn.gather(1, st.nn) == st.pos) & (st.pos < st.nn) & (st.dmin < _INF)
-        todo = torch.ones(b, 1, device=st.d.device, dtype=torch.bool)
         if counter["rounds"] > 0:
-            todo = _unfinished(st.height[:, :m], st.dmin, r)
-            mutual &= todo
+            todo = _unfinished(st.height[:, :m], st.dmin, st.r)
+        else:
+            todo = (st.r > 0)[:, None]
+        mutual &= todo
+        touched = _touched(st, mutual)
         counter["syncs"] += 1
-        k, unfinished = torch.stack([mutual.sum(dim=1).max(), todo.sum()]).tolist()
+        widths = [mutual.sum(dim=1).max(), todo.sum(), touched.sum(dim=1).max()]
+        k, unfinished, rescan = torch.stack(widths).tolist()
         if unfinished == 0:
             break
         if b >= 8 and 2 * unfinished <= b:
-            keep = todo[:, 0].nonzero()[:, 0]
-            counter["syncs"] += 1
+            # The unfinished samples in order (their count is known: no data-dependent shape).
+            keep = (~todo[:, 0]).to(torch.uint8).argsort(stable=True)[:unfinished]
             if batch is not None:
                 _write_back(records, batch, st)
             batch = keep if batch is None else batch[keep]
@@ -252,27 +293,36 @@ def _rnn_rounds(ws: Workspace, r: int, linkage: str, counter: dict):
             st = st.subset(keep, name=f"atc.subset{subsets % 2}")  # not the buffer st is in
             continue
         if k == 0:  # an unfinished sample without a reciprocal pair: exact ties in kept
-            if not rescanned:  # neighbours, or a matmul's last-bit asymmetry
+            if not rescanned:  # neighbours, or a last-bit asymmetry
                 st.dmin, st.nn = _full_scan(st.d, st.alive, block, st.penalty)
                 rescanned = True
                 continue
             mutual, st.nn, st.dmin = _closest_pair(st.dmin, st.nn, st.pos, todo[:, 0])
-            k = 1
+            touched = _touched(st, mutual)
+            counter["syncs"] += 1
+            k, rescan = 1, int(touched.sum(dim=1).max())
         rescanned = False
-        touched = _merge_pairs(st, mutual, k, linkage, counter["rounds"], inf)
+        _merge_pairs(st, mutual, k, linkage, counter["rounds"], inf)
         counter["rounds"] += 1
-        _rescan(st, touched, counter)
+        _rescan(st, touched, rescan)
     if batch is not None:
         _write_back(records, batch, st)
     parent, height, when = records
     return parent[:, :m], height[:, :m], when[:, :m]
 
 
+def _touched(st: _RoundState, mutual: Tensor) -> Tensor:
+    """``(B, M+1)``: the rows that survive the merge of the pairs marked in ``mutual`` (at
+    their smaller position) but whose nearest neighbour is one of the merged clusters."""
+    merged = mutual.scatter(1, torch.where(mutual, st.nn, st.m), True)
+    return merged.gather(1, st.nn) & st.alive & ~merged & (st.dmin < _INF)
+
+
 @dataclass
 class _RoundState:
     """Per-sample state of :func:`_rnn_rounds`: the matrix ``d`` ``(B, M+1, W)`` and
-    ``(B, M+1)`` rows: alive, size, nearest neighbour (``dmin``, ``nn``), merge records, and
-    ``penalty`` ``(B, W)`` (``inf`` at dead and padding columns)."""
+    ``(B, M+1)`` rows: alive, size, nearest neighbour (``dmin``, ``nn``), merge records,
+    ``penalty`` ``(B, W)`` (``inf`` at dead and padding columns) and ``r`` ``(B,)``."""
 
     d: Tensor
     m: int
@@ -285,9 +335,10 @@ class _RoundState:
     when: Tensor
     dmin: Tensor
     nn: Tensor
+    r: Tensor
 
     @classmethod
-    def start(cls, d: Tensor, m: int, block: int) -> _RoundState:
+    def start(cls, d: Tensor, m: int, block: int, r: Tensor) -> _RoundState:
         """The state before round 0: every token alive, its nearest neighbour scanned."""
         b, m1, w = d.shape
         pos = torch.arange(m1, device=d.device).expand(b, m1)
@@ -308,6 +359,7 @@ class _RoundState:
             when=when,
             dmin=dmin,
             nn=nn,
+            r=r,
         )
 
     @property
@@ -327,7 +379,7 @@ class _RoundState:
         return _RoundState(d=d, m=self.m, block=self.block, **rows)
 
 
-_PER_SAMPLE = ("alive", "penalty", "size", "parent", "height", "when", "dmin", "nn")
+_PER_SAMPLE = ("alive", "penalty", "size", "parent", "height", "when", "dmin", "nn", "r")
 
 
 def _write_back(records: tuple[Tensor, Tensor, Tensor], batch: Tensor, st: _RoundState) -> None:
@@ -338,11 +390,10 @@ def _write_back(records: tuple[Tensor, Tensor, Tensor], batch: Tensor, st: _Roun
 
 def _merge_pairs(
     st: _RoundState, mutual: Tensor, k: int, linkage: str, round_no: int, inf: Tensor
-) -> Tensor:
-    """Merge every pair marked in ``mutual`` (at its smaller position): records, sizes, the
-    merged rows and columns of ``st.d`` (Lance-Williams), and the merged rows' neighbours.
-
-    Returns ``(B, M+1)``: the surviving rows whose nearest neighbour was merged."""
+) -> None:
+    """Merge every pair marked in ``mutual`` (at its smaller position; at most ``k`` per
+    sample): records, sizes, the merged rows and columns of ``st.d`` (Lance-Williams), and
+    the merged rows' neighbours."""
     d, m, block = st.d, st.m, st.block
     b, m1, w = d.shape
     flat, offsets = d.view(b * m1, w), st.offsets
@@ -385,22 +436,18 @@ def _merge_pairs(
 
     st.alive.scatter_(1, j, False)
     st.penalty.scatter_(1, j, inf.expand(b, k))
-    merged = torch.zeros_like(st.alive).scatter_(1, i, True).scatter_(1, j, True)
-    touched = merged.gather(1, st.nn) & st.alive & ~merged
     value, index = _row_argmin(new.add_(st.penalty[:, None, :]), block)
     st.dmin = st.dmin.scatter_(1, i, value).masked_fill_(~st.alive, _INF)
     st.nn = st.nn.scatter_(1, i, index).masked_fill_(~st.alive, m)
-    return touched
 
 
-def _rescan(st: _RoundState, rows_to_scan: Tensor, counter: dict) -> None:
-    """Recompute ``st.dmin`` / ``st.nn`` of the rows marked in ``rows_to_scan`` ``(B, M+1)``."""
+def _rescan(st: _RoundState, rows_to_scan: Tensor, count: int) -> None:
+    """Recompute ``st.dmin`` / ``st.nn`` of the rows marked in ``rows_to_scan`` ``(B, M+1)``,
+    at most ``count`` per sample."""
     d, m = st.d, st.m
     b, m1, w = d.shape
-    counter["syncs"] += 1
-    a = int(rows_to_scan.sum(dim=1).max())
-    if a:
-        sel = _pack(rows_to_scan, a, fill=m)  # padding -> the scratch row and the sink entry
+    if count:
+        sel = _pack(rows_to_scan, count, fill=m)  # padding -> the scratch row and the sink
         rows = _rows(d.view(b * m1, w), sel + st.offsets, "atc.rows_j")
         value, index = _row_argmin(rows.add_(st.penalty[:, None, :]), st.block)
         st.dmin.scatter_(1, sel, value)
@@ -443,14 +490,15 @@ def _closest_pair(
     return mutual, nn, dmin.scatter(1, at, value)
 
 
-def _boruvka_rounds(ws: Workspace, r: int, counter: dict):
+def _boruvka_rounds(ws: Workspace, r: Tensor, counter: dict):
     """Single linkage: Borůvka rounds on the rows of ``ws.d``; the columns are never touched.
 
     Each component's row holds, per token column, the component's distance to that token (the
     minimum over its members' rows), with its own members' columns at ``inf``. A round scans
     the rows (every component's nearest outside token: a minimum-spanning-forest edge), joins
     each component to that token's component, and min-reduces the rows by the new components.
-    The components at least halve per round.
+    The components at least halve per round. One host read per round (is any sample
+    unfinished, and the widest sample's component count, a shape).
 
     Returns ``parent``, ``height``, ``when`` ``(B, M)`` as :func:`_rnn_rounds`, with the
     representative token of a component in place of the smallest token. Recording the
@@ -470,22 +518,24 @@ def _boruvka_rounds(ws: Workspace, r: int, counter: dict):
         dmin, nearest = _row_argmin(rows, block)  # (B, q+1)
         pos = torch.arange(q + 1, device=device).expand(b, q + 1)
         ptr = torch.where(dmin < _INF, comp.gather(1, nearest), pos)
-        if counter["rounds"] > 0:
-            counter["syncs"] += 1
-            if not bool(_unfinished(height[:, :m], dmin, r).any()):
-                break
         root = _cycle_roots(ptr, pos)
         is_root = root == pos
+        keep = is_root & (pos < q)
+        if counter["rounds"] > 0:
+            go = _unfinished(height[:, :m], dmin, r).any()
+        else:
+            go = (r > 0).any()
+        counter["syncs"] += 1
+        go, q_new = torch.stack([go.long(), keep.sum(dim=1).max()]).tolist()
+        if not go:
+            break
         absorbed = torch.where(is_root, m, rep)  # non-roots record their edge
         parent.scatter_(1, absorbed, rep.gather(1, ptr))
         height.scatter_(1, absorbed, dmin)
         when.scatter_(1, absorbed, counter["rounds"])
         counter["rounds"] += 1
 
-        keep = is_root & (pos < q)
         rank = keep.long().cumsum(dim=1) - 1
-        counter["syncs"] += 1
-        q_new = int(keep.sum(dim=1).max())
         group = torch.where(pos < q, rank.gather(1, root), q_new)  # old row -> new row
         name = "atc.rows_i" if counter["rounds"] % 2 else "atc.rows_j"  # never ``rows``' buffer
         new = scratch(name, (b, q_new + 1, w), dtype, device).fill_(_INF)
@@ -516,26 +566,20 @@ def _cycle_roots(ptr: Tensor, pos: Tensor) -> Tensor:
     return low.gather(1, hop)
 
 
-def _cut(
-    parent: Tensor, height: Tensor, when: Tensor, r: int, max_depth: int, counter: dict
-) -> Tensor:
-    """Apply the ``r`` lowest merges (ties: earlier round first) and label the clusters.
+def _cut(parent: Tensor, height: Tensor, when: Tensor, r: Tensor, max_depth: int) -> Tensor:
+    """Apply each sample's ``r`` ``(B,)`` lowest merges (ties: earlier round first, then the
+    smaller token) and return every token's root ``(B, M)``.
 
     The chosen merges form a forest over tokens (each token is absorbed at most once);
-    pointer jumping finds every token's root in ``log2(depth)`` steps. Slots are numbered in
-    root order.
+    pointer jumping finds every token's root in ``log2(depth)`` steps.
     """
     b, m = parent.shape
     tokens = torch.arange(m, device=parent.device).expand(b, m)
-    is_edge = height <= height.kthvalue(r, dim=1, keepdim=True).values
-    counter["syncs"] += 1
-    if bool((is_edge.sum(dim=1) != r).any()):  # tied heights at the cut: order by round
-        by_round = when.argsort(dim=1, stable=True)
-        by_height = height.gather(1, by_round).argsort(dim=1, stable=True)
-        chosen = by_round.gather(1, by_height)[:, :r]
-        is_edge = torch.zeros_like(parent, dtype=torch.bool).scatter_(1, chosen, True)
-    root = torch.where(is_edge, parent, tokens)
+    by_round = when.argsort(dim=1, stable=True)
+    by_height = height.gather(1, by_round).argsort(dim=1, stable=True)
+    order = by_round.gather(1, by_height)  # tokens by (height, round, index) of their merge
+    rank = torch.empty_like(order).scatter_(1, order, tokens)
+    root = torch.where(rank < r[:, None], parent, tokens)
     for _ in range(max(1, math.ceil(math.log2(max_depth + 1)))):
         root = root.gather(1, root)
-    slot = (root == tokens).long().cumsum(dim=1) - 1
-    return slot.gather(1, root)
+    return root

@@ -1,8 +1,9 @@
-"""Bipartite soft matching: ToMe (Bolya et al., 2023) and ToMe-SD's 2-D random variant.
+"""Bipartite soft matching: ToMe (Bolya et al., 2023) and ToMe-SD's random grid variant.
 
 Both split the tokens into sources ``A`` and destinations ``B``, connect every source to its
 most similar destination and merge the ``r`` most similar sources. Only the partition is
-computed here; the :class:`MergePlan` applies it.
+computed here; the :class:`MergePlan` applies it. Ties between equal scores go to the smaller
+index (stable sorts), whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .atc import number_clusters
 from .distance import normalize_tokens
 from .plan import MergePlan
 from .threads import with_kernel_threads
@@ -28,7 +30,7 @@ def _labels_from_matching(
     bsz, na = scores.shape[:2]
     nb = scores.shape[2]
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
     unm_idx = edge_idx[:, r:]
     src_idx = edge_idx[:, :r]
     if sort_unmerged:
@@ -82,60 +84,76 @@ def bipartite_plan(metric: Tensor, r: int, protected: int) -> MergePlan:
 
 
 @with_kernel_threads
-def bipartite_random2d_plan(
+def bipartite_rows(x: Tensor, valid: Tensor | None, r: Tensor) -> Tensor:
+    """ToMe inside each row of ``x`` ``(R, L, C)`` (a tile, or the real or padding tokens of
+    one): ``A`` = the row's real tokens at even places in their order, ``B`` = those at odd
+    places; every ``A`` token's most similar ``B`` token; the ``r`` ``(R,)`` best ``A`` tokens
+    merge into theirs (``r`` at most half the row's real tokens).
+
+    Returns local labels ``(R, L)`` numbered by each cluster's smallest token, ``-1`` for
+    entries that are not real tokens (``valid`` ``(R, L)``; ``None``: all are).
+    """
+    rows, length, _ = x.shape
+    tokens = torch.arange(length, device=x.device)
+    with torch.no_grad():
+        units = normalize_tokens(x)
+        scores = units @ units.transpose(-1, -2)
+        place = tokens if valid is None else valid.long().cumsum(dim=1) - 1
+        odd = place % 2 == 1
+        is_a, is_b = (~odd, odd) if valid is None else (valid & ~odd, valid & odd)
+        scores.masked_fill_(~(is_a[..., :, None] & is_b[..., None, :]), -float("inf"))
+        best, dst = scores.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, tokens.expand(rows, length))
+        root = torch.where(rank < r[:, None], dst, tokens)
+        return number_clusters(root, valid)
+
+
+@with_kernel_threads
+def bipartite_random_grid_plan(
     metric: Tensor,
     r: int,
-    protected: int,
-    *,
-    h: int | None,
-    w: int | None,
-    sx: int,
-    sy: int,
+    grid: tuple[int, int, int],
+    window: tuple[int, int, int],
     no_rand: bool,
     generator: torch.Generator | None,
 ) -> MergePlan:
-    """ToMe-SD's ``bipartite_soft_matching_random2d`` on ``metric`` ``(B, h*w, C)``.
+    """ToMe-SD's ``bipartite_soft_matching_random2d`` on ``metric`` ``(B, t*h*w, C)``, in 3-D.
 
-    One destination per ``sy x sx`` window (a random one drawn from ``generator``, or the
-    top-left one when ``no_rand``); rows/columns past the last whole window are sources. Every
-    source is matched to its most similar destination and the ``r`` best matches merge
-    (``r`` is clamped to the number of sources). Output order as ToMe-SD: unmerged sources by
-    decreasing score, then destinations.
+    ``grid`` is ``(t, h, w)`` (``t = 1`` for an image) and ``window`` ``(st, sy, sx)``: one
+    destination per ``st x sy x sx`` window (a random one drawn from ``generator``, or the
+    first one when ``no_rand``); frames, rows and columns past the last whole window are
+    sources. Every source is matched to its most similar destination and the ``r`` best
+    matches merge (``r`` is clamped to the number of sources). Output order as ToMe-SD:
+    unmerged sources by decreasing score, then destinations. For ``t = st = 1`` this is
+    ``tomesd``'s function, draws included (``(h // sy, w // sx, 1)`` values in ``[0, sy * sx)``).
     """
     bsz, n, _ = metric.shape
-    if protected:
-        raise ValueError("method='tome_sd' merges a full token grid; use protected=0")
-    for name, v in (("h", h), ("w", w)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"method='tome_sd' needs the token grid: {name} must be an int >= 1")
-    if h * w != n:
-        raise ValueError(f"method='tome_sd': h * w = {h} * {w} != {n} tokens in metric")
-    for name, v in (("sx", sx), ("sy", sy)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"method='tome_sd': {name} must be an int >= 1, got {v!r}")
-    hsy, wsx = h // sy, w // sx
-    if r <= 0 or hsy == 0 or wsx == 0:
+    (t, h, w), (st, sy, sx) = grid, window
+    tst, hsy, wsx = t // st, h // sy, w // sx
+    if r <= 0 or tst == 0 or hsy == 0 or wsx == 0:
         return MergePlan.identity(bsz, n, metric.device)
     device = metric.device
     with torch.no_grad():
         if no_rand:
-            pick = torch.zeros(hsy, wsx, 1, device=device, dtype=torch.long)
+            pick = torch.zeros(tst, hsy, wsx, 1, device=device, dtype=torch.long)
         else:
             gen_device = generator.device if generator is not None else device
             pick = torch.randint(
-                sy * sx, size=(hsy, wsx, 1), device=gen_device, generator=generator
+                st * sy * sx, size=(tst, hsy, wsx, 1), device=gen_device, generator=generator
             ).to(device)
         # -1 marks the destination of each window, 0 everything else; argsort puts dst first.
-        window = torch.zeros(hsy, wsx, sy * sx, device=device, dtype=torch.long)
-        window.scatter_(2, pick, -torch.ones_like(pick))
-        window = window.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
-        if hsy * sy < h or wsx * sx < w:
-            grid = torch.zeros(h, w, device=device, dtype=torch.long)
-            grid[: hsy * sy, : wsx * sx] = window
+        window_ids = torch.zeros(tst, hsy, wsx, st * sy * sx, device=device, dtype=torch.long)
+        window_ids.scatter_(3, pick, -torch.ones_like(pick))
+        window_ids = window_ids.view(tst, hsy, wsx, st, sy, sx).permute(0, 3, 1, 4, 2, 5)
+        window_ids = window_ids.reshape(tst * st, hsy * sy, wsx * sx)
+        if tst * st < t or hsy * sy < h or wsx * sx < w:
+            ids = torch.zeros(t, h, w, device=device, dtype=torch.long)
+            ids[: tst * st, : hsy * sy, : wsx * sx] = window_ids
         else:
-            grid = window
-        order = grid.reshape(1, -1, 1).argsort(dim=1)
-        num_dst = hsy * wsx
+            ids = window_ids
+        order = ids.reshape(1, -1, 1).argsort(dim=1)
+        num_dst = tst * hsy * wsx
         a_idx = order[:, num_dst:, 0].expand(bsz, -1)  # sources
         b_idx = order[:, :num_dst, 0].expand(bsz, -1)  # destinations
         x = normalize_tokens(metric)
@@ -145,3 +163,11 @@ def bipartite_random2d_plan(
         r = min(r, a.shape[1])
         labels, slots = _labels_from_matching(a_idx, b_idx, scores, r, False, 0)
     return MergePlan(labels, slots, validate=False)
+
+
+def random_grid_cap(n: int, grid: tuple[int, int, int], window: tuple[int, int, int]) -> int:
+    """The most ToMe-SD removes from ``n = t*h*w`` tokens: every source (0 if no window fits)."""
+    windows = 1
+    for g, s in zip(grid, window, strict=True):
+        windows *= g // s
+    return n - windows if windows else 0

@@ -20,41 +20,39 @@ def normalize_tokens(metric: Tensor, out: Tensor | None = None) -> Tensor:
 
     Non-finite entries (NaN, +-inf) are replaced by 0 before normalising, and a vector whose
     norm is 0 stays the zero vector, so its cosine similarity to every token is 0 (cosine
-    distance 1). The result is always finite. (The sanitising pass runs only when some norm is
-    not finite, which a non-finite entry always causes.)
-
-    Raises:
-        ValueError: ``metric`` is a ``meta`` tensor: clustering needs its values.
+    distance 1). The result is always finite. The sanitising pass always runs (an identity on
+    finite values): deciding whether it is needed would read a flag on the host.
     """
-    if metric.is_meta:
-        raise ValueError(
-            "cluster_tokens needs the metric's values, got a 'meta' tensor: the partition depends "
-            "on the data. Pass a CPU or CUDA tensor (under torch.compile / export the kernel's "
-            "registered op, where available, gives the output shapes without values)."
-        )
-    x = metric.to(working_dtype(metric))
+    x = torch.nan_to_num(metric.to(working_dtype(metric)), nan=0.0, posinf=0.0, neginf=0.0)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    # (Under torch.compile the sanitising pass always runs: no host check inside a graph.)
-    if torch.compiler.is_compiling() or not bool(torch.isfinite(norm).all()):
-        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return torch.div(x, norm.clamp_min_(torch.finfo(x.dtype).tiny), out=out)
 
 
 @with_kernel_threads
 def cosine_distance(metric: Tensor) -> Tensor:
-    """``(B, N, C)`` -> ``(B, N, N)`` cosine distance ``1 - cos``, clamped to ``[0, 2]``."""
+    """``(B, N, C)`` -> ``(B, N, N)`` cosine distance ``1 - cos``, clamped to ``[0, 2]``.
+
+    Exactly symmetric (``min(d, d^T)``) with an exactly zero diagonal, so that equal
+    quantities (``d(a, b) + d(b, b)`` and ``d(a, a) + d(b, a)``, say) compare as equal and
+    ties are broken by the methods' rules, not by rounding.
+    """
     x = normalize_tokens(metric)
-    return (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
+    d = (1.0 - x @ x.transpose(-1, -2)).clamp_(0.0, 2.0)
+    d = torch.minimum(d, d.transpose(-1, -2))
+    d.diagonal(dim1=-2, dim2=-1).zero_()
+    return d
 
 
 @with_kernel_threads
-def negative_cosine_workspace(metric: Tensor) -> Workspace:
-    """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, built by one matmul.
+def negative_cosine_workspace(metric: Tensor, valid: Tensor | None = None) -> Workspace:
+    """``(B, N, C)`` -> the :class:`~atc_patch.kernel.atc.Workspace` of ATC, exactly symmetric.
 
-    The unit vectors go into a zero-padded ``(B, W, C)`` buffer and one ``baddbmm`` (``alpha =
-    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout; the scratch row and
-    padding columns (zero products) are then set to ``inf``.
+    The unit vectors go into a zero-padded ``(B, W, C)`` buffer and ``baddbmm`` (``alpha =
+    -1``) writes ``-cos`` straight into the ``(B, N+1, W)`` working layout: the upper triangle
+    only, panel by panel (64 rows on the CPU; one panel elsewhere), each panel's lower part
+    then copied from its mirror image (a matmul's two halves may differ in the last bit); the
+    scratch row and padding columns are set to ``inf``. ``valid`` ``(B, N)`` (optional):
+    tokens that are not real get ``inf`` rows and columns, so they never merge.
     """
     b, n, c = metric.shape
     width = padded_width(n)
@@ -63,5 +61,16 @@ def negative_cosine_workspace(metric: Tensor) -> Workspace:
     units[:, n:].zero_()
     normalize_tokens(metric, out=units[:, :n])
     ws = Workspace.empty(b, n, dtype, metric.device)
-    ws.d.baddbmm_(units[:, : n + 1], units.transpose(1, 2), beta=0, alpha=-1)
+    panel = 64 if metric.device.type == "cpu" else max(n, 1)
+    for a in range(0, n, panel):
+        e = min(a + panel, n)
+        ws.d[:, a:e, a:n].baddbmm_(units[:, a:e], units[:, a:n].mT, beta=0, alpha=-1)
+        block = ws.d[:, a:e, a:e]
+        upper = torch.ones(e - a, e - a, dtype=torch.bool, device=metric.device).triu_()
+        block.copy_(torch.where(upper, block, block.mT))
+        if e < n:
+            ws.d[:, e:n, a:e].copy_(ws.d[:, a:e, e:n].mT)
+    if valid is not None:
+        pair = valid[:, :, None] & valid[:, None, :]
+        ws.d[:, :n, :n].masked_fill_(~pair, float("inf"))
     return ws.finish()

@@ -8,24 +8,35 @@ thread (concurrent calls never share one), growing to the largest size seen, muc
 caching allocator does on CUDA (on other devices :func:`scratch` simply allocates).
 
 What is kept is bounded (:func:`set_workspace_limits`): at most ``max_threads`` threads keep
-buffers (8 by default) and, if set, ``max_bytes`` in all; when a thread's buffers grow past a
+buffers (8 by default) and, if set, ``max_bytes`` in all. When a thread's buffers grow past a
 limit, the least recently used *other* threads' buffers are dropped (they are re-created by
-those threads' next call). A thread's buffers go when the thread ends.
+those threads' next call); when a kernel call returns (:func:`call_scope`), the limits are
+enforced once more with the caller's own buffers included (least recently used first, the
+caller's last), so ``max_bytes`` bounds what stays between calls, in a single-threaded
+program too (``max_bytes=0``: nothing stays). A thread's buffers go when the thread ends.
 :func:`release_workspace` frees every thread's buffers (or only the caller's). A buffer that a
 call in flight is using is freed when that call returns: dropping it never disturbs the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["release_workspace", "scratch", "set_workspace_limits", "workspace_bytes"]
+__all__ = [
+    "call_scope",
+    "release_workspace",
+    "scratch",
+    "set_workspace_limits",
+    "workspace_bytes",
+]
 
 
 class _Workspace:
@@ -41,7 +52,7 @@ class _Workspace:
         return sum(b.numel() * b.element_size() for b in list(self.buffers.values()))
 
 
-_local = threading.local()  # .ws: this thread's _Workspace (dropped with the thread)
+_local = threading.local()  # .ws: this thread's _Workspace; .depth: nested kernel calls
 _lock = threading.Lock()  # guards _all and _limits (taken only when a buffer grows or on release)
 _all: weakref.WeakSet[_Workspace] = weakref.WeakSet()  # every live thread's workspace
 _clock = itertools.count(1)
@@ -80,8 +91,12 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buffers[key][:numel].view(shape)
 
 
-def _enforce_limits(grown: _Workspace) -> None:
-    """Drop the least recently used other threads' buffers until the limits hold."""
+def _enforce_limits(grown: _Workspace | None) -> None:
+    """Drop the least recently used threads' buffers until the limits hold.
+
+    ``grown`` (the thread whose call is using its buffers) is never dropped; ``None`` (a call
+    has returned): every thread's buffers may be dropped, the least recently used first.
+    """
     with _lock:
         max_threads, max_bytes = _limits["max_threads"], _limits["max_bytes"]
         holding = [ws for ws in _all if ws.buffers]
@@ -98,6 +113,21 @@ def _enforce_limits(grown: _Workspace) -> None:
             count -= 1
 
 
+@contextlib.contextmanager
+def call_scope() -> Iterator[None]:
+    """Mark one kernel call (nesting allowed): when the outermost call of this thread returns,
+    the limits are enforced with its own buffers included (:func:`set_workspace_limits`)."""
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+        ws = getattr(_local, "ws", None)
+        if depth == 0 and ws is not None and ws.buffers and _limits["max_bytes"] is not None:
+            _enforce_limits(None)  # (thread counts are enforced when buffers grow)
+
+
 def set_workspace_limits(
     max_threads: int | None = 8, max_bytes: int | None = None
 ) -> dict[str, int | None]:
@@ -105,8 +135,9 @@ def set_workspace_limits(
 
     Args:
         max_threads: at most this many threads keep buffers (``None``: no limit).
-        max_bytes: at most this many bytes in all threads (``None``: no limit). The calling
-            thread always keeps what its current call needs, even beyond ``max_bytes``.
+        max_bytes: at most this many bytes in all threads (``None``: no limit). A call in
+            flight always gets what it needs, even beyond ``max_bytes``; when it returns, what
+            is kept is brought back under ``max_bytes`` (``0``: nothing is kept between calls).
 
     Raises:
         ValueError: a limit that is not ``None`` or an int >= 1 (``max_bytes`` >= 0).
@@ -119,7 +150,8 @@ def set_workspace_limits(
     with _lock:
         previous = dict(_limits)
         _limits.update(max_threads=max_threads, max_bytes=max_bytes)
-    _enforce_limits(_mine())
+    in_call = getattr(_local, "depth", 0) > 0  # (then this thread's buffers are in use)
+    _enforce_limits(_mine() if in_call else None)
     return previous
 
 

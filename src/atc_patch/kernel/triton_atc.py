@@ -1,12 +1,14 @@
-"""The fused ATC path: one Triton program per sample runs the whole agglomeration.
+"""The fused ATC path: one Triton program per row runs the whole agglomeration.
 
-Layout of one call (:func:`triton_atc_labels`), whatever ``N``:
+A row is a sample's free tokens, or one tile of them (:mod:`~atc_patch.kernel.tiles`).
+Layout of one call (:func:`triton_atc_labels`), whatever ``L``:
 
-1. torch: unit-normalise the free tokens (non-finite entries count as 0, no host check), one
-   ``baddbmm`` for ``-cos`` and one ``minimum(d, d^T)`` (an exactly symmetric ``(B, M, M)``
-   matrix in a fresh buffer); about eight launches.
-2. Triton, grid ``(B,)``: each program keeps, in registers, every cluster's nearest neighbour
-   and its distance (``nn``, ``dmin``), alive flags, sizes and each token's cluster. A merge
+1. torch: unit-normalise the tokens (non-finite entries count as 0, no host check), one
+   ``bmm`` for ``-cos`` and one ``minimum(d, d^T)`` (an exactly symmetric ``(R, L, L)``
+   matrix in a fresh buffer); about seven launches.
+2. Triton, grid ``(R,)``: each program reads its row's ``r`` and which entries are real
+   tokens, and keeps, in registers, every cluster's nearest neighbour and its distance
+   (``nn``, ``dmin``), alive flags, sizes and each token's cluster. A merge
 
    * picks the row with the smallest ``dmin`` (``i``) and its neighbour ``j``; the smaller of
      the two absorbs the other, so a cluster lives at its smallest token;
@@ -19,12 +21,12 @@ Layout of one call (:func:`triton_atc_labels`), whatever ``N``:
    This is the sequential "merge the closest pair" algorithm itself, so the ``r`` merges it
    runs are the first ``r`` merges of scipy's dendrogram (for distances without ties) and the
    clusters left are ``cut_tree(n_clusters=M - r)``'s partition; no heights, no cut search.
-   Labels are numbered in the order of each cluster's smallest token and written with the
-   ``protected`` fixed slots in front.
+   Entries that are not real tokens start dead and never merge. Labels are numbered in the
+   order of each cluster's smallest token (``-1`` for entries that are not real tokens).
 
-No host synchronisation and a fixed number of launches per call; ``r`` and ``M`` are kernel
-arguments. A merge is ``O(M)`` work (plus ``O(M)`` per rescanned row), so a call is
-``O(M^2 + r M)`` per sample, spread over ``B`` programs.
+No host synchronisation and a fixed number of launches per call; ``r`` is read from device
+memory. A merge is ``O(L)`` work (plus ``O(L)`` per rescanned row), so a call is
+``O(L^2 + r L)`` per row, spread over ``R`` programs.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernel runs on CPU
 tensors; that is how CI checks it against scipy.
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distance import working_dtype
+from .distance import normalize_tokens
 
 LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
 
@@ -59,28 +61,27 @@ def _kernel() -> Any:
             "backend='triton' needs the triton package (pip install triton)"
         ) from err
 
-    @triton.jit(do_not_specialize=["M", "P", "R"])  # one compile per linkage and block
+    @triton.jit(do_not_specialize=["M"])  # one compile per linkage, block and mask flag
     def atc_kernel(
-        d_ptr,  # (B, M, M) working matrix, overwritten
-        dmin_ptr,  # (B, M) scratch
-        out_ptr,  # (B, N) int64 labels, N = P + M
+        d_ptr,  # (R, M, M) working matrix, overwritten
+        dmin_ptr,  # (R, M) scratch
+        out_ptr,  # (R, M) int64 labels
+        r_ptr,  # (R,) int64 merges per row
+        valid_ptr,  # (R, M) bool real entries (read if HAS_VALID)
         M,
-        P,
-        R,
         LINK: tl.constexpr,
         BLOCK: tl.constexpr,
         ROWS: tl.constexpr,
+        HAS_VALID: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         base = d_ptr + b * M * M
-        out = out_ptr + b * (M + P)
+        out = out_ptr + b * M
         idx = tl.arange(0, BLOCK)
         valid = idx < M
+        if HAS_VALID:
+            valid = valid & (tl.load(valid_ptr + b * M + idx, mask=idx < M, other=0) != 0)
         inf = float("inf")
-
-        # Protected tokens keep slots 0 .. P-1.
-        for p0 in range(0, P, BLOCK):
-            tl.store(out + p0 + idx, (p0 + idx).to(tl.int64), mask=p0 + idx < P)
 
         # Initial scan, ROWS rows at a time: minima to ``dmin_ptr``, their columns to the
         # label buffer (free until the end), then into registers.
@@ -94,22 +95,23 @@ def _kernel() -> Any:
             )
             tl.store(dmin_ptr + b * M + k, tl.min(tile, axis=1), mask=k < M)
             a = tl.argmin(tile, axis=1, tie_break_left=True)
-            tl.store(out + P + k, a.to(tl.int64), mask=k < M)
+            tl.store(out + k, a.to(tl.int64), mask=k < M)
         tl.debug_barrier()
-        dmin = tl.load(dmin_ptr + b * M + idx, mask=valid, other=inf)
-        nn = tl.load(out + P + idx, mask=valid, other=0).to(tl.int32)
+        dmin = tl.load(dmin_ptr + b * M + idx, mask=idx < M, other=inf)
+        nn = tl.load(out + idx, mask=idx < M, other=0).to(tl.int32)
         dmin = tl.where(valid, dmin, inf)
 
         alive = valid
         size = tl.where(valid, 1.0, 0.0).to(d_ptr.dtype.element_ty)
         lab = idx
-        for _ in range(0, R):
+        merges = tl.load(r_ptr + b).to(tl.int32)
+        for _ in range(0, merges):
             i0 = tl.argmin(dmin, axis=0, tie_break_left=True).to(tl.int32)
             j0 = tl.sum(tl.where(idx == i0, nn, 0), axis=0)
             i = tl.minimum(i0, j0)
             j = tl.maximum(i0, j0)
-            row_i = tl.load(base + i * M + idx, mask=valid, other=inf)
-            row_j = tl.load(base + j * M + idx, mask=valid, other=inf)
+            row_i = tl.load(base + i * M + idx, mask=idx < M, other=inf)
+            row_j = tl.load(base + j * M + idx, mask=idx < M, other=inf)
             if LINK == 0:
                 new = tl.minimum(row_i, row_j)
             elif LINK == 1:
@@ -122,8 +124,8 @@ def _kernel() -> Any:
                 size = tl.where(idx == i, total, size)
             alive = alive & (idx != j)
             new = tl.where(alive & (idx != i), new, inf)
-            tl.store(base + i * M + idx, new, mask=valid)
-            tl.store(base + idx * M + i, new, mask=valid)
+            tl.store(base + i * M + idx, new, mask=idx < M)
+            tl.store(base + idx * M + i, new, mask=idx < M)
             lab = tl.where(lab == j, i, lab)
             v_i = tl.min(new, axis=0)
             a_i = tl.argmin(new, axis=0, tie_break_left=True).to(tl.int32)
@@ -145,11 +147,11 @@ def _kernel() -> Any:
         # Slots in the order of each cluster's smallest token (its representative).
         root = (lab == idx) & valid
         slot = tl.cumsum(root.to(tl.int64), axis=0) - 1
-        tl.store(out + P + idx, slot, mask=valid)
+        tl.store(out + idx, slot, mask=idx < M)
         tl.debug_barrier()
-        final = tl.load(out + P + lab, mask=valid, other=0)
+        final = tl.load(out + lab, mask=idx < M, other=0)
         tl.debug_barrier()
-        tl.store(out + P + idx, final + P, mask=valid)
+        tl.store(out + idx, tl.where(valid, final, -1), mask=idx < M)
 
     interpreted = type(atc_kernel).__name__ == "InterpretedFunction"
     return atc_kernel, triton.next_power_of_2, interpreted
@@ -171,51 +173,48 @@ def triton_available(device: torch.device) -> tuple[bool, str]:
     return False, f"backend='triton' does not run on {device.type} tensors; use 'torch' or 'auto'"
 
 
-def symmetric_neg_cosine(free: Tensor) -> Tensor:
-    """``(B, M, C)`` -> ``(B, M, M)`` ``-cos``, exactly symmetric, in the working dtype.
+def symmetric_neg_cosine(x: Tensor) -> Tensor:
+    """``(R, L, C)`` -> ``(R, L, L)`` ``-cos``, exactly symmetric, in the working dtype.
 
     Non-finite entries count as 0 and zero vectors stay zero (cosine distance 1 to every
-    token), as :func:`~atc_patch.kernel.distance.normalize_tokens`, but with no host check.
+    token), as :func:`~atc_patch.kernel.distance.normalize_tokens`, with no host check.
     """
-    x = torch.nan_to_num(free.to(working_dtype(free)), nan=0.0, posinf=0.0, neginf=0.0)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    units = x / norm.clamp_min(torch.finfo(x.dtype).tiny)
-    d = torch.bmm(units, units.transpose(1, 2)).neg_()
-    return torch.minimum(d, d.transpose(1, 2))
+    units = normalize_tokens(x)
+    d = torch.baddbmm(units.new_empty(()), units, units.mT, beta=0, alpha=-1)  # (beta=0: unread)
+    return torch.minimum(d, d.mT)
 
 
-def triton_atc_labels(metric: Tensor, r: int, linkage: str, protected: int) -> Tensor:
-    """ATC labels ``(B, N)`` int64 of ``metric`` ``(B, N, C)``, fused (see the module doc).
+def triton_atc_labels(x: Tensor, valid: Tensor | None, r: Tensor, linkage: str) -> Tensor:
+    """ATC labels ``(R, L)`` int64 of the rows ``x`` ``(R, L, C)``, fused (see the module doc).
 
-    ``0 <= r <= N - protected - 1`` (``r = 0`` gives the identity); the first ``protected``
-    tokens keep slots ``0 .. protected-1``, the others get slots numbered in the order of
-    their cluster's smallest token. Raises :class:`TritonUnavailableError` where it cannot run.
+    ``valid`` ``(R, L)`` bool marks the real tokens of each row (``None``: all); ``r`` ``(R,)``
+    int64 merges per row, ``0 <= r <= real tokens - 1``. Real tokens get slots numbered in
+    the order of their cluster's smallest token, the other entries ``-1``. Raises
+    :class:`TritonUnavailableError` where it cannot run.
     """
-    ok, why = triton_available(metric.device)
+    ok, why = triton_available(x.device)
     if not ok:
         raise TritonUnavailableError(why)
     kernel, next_pow2, _ = _kernel()
-    b, n, _ = metric.shape
-    m = n - protected
-    out = torch.empty(b, n, device=metric.device, dtype=torch.long)
-    if b == 0:
-        return out
-    if m < 2 or r <= 0:
-        return torch.arange(n, device=metric.device).expand(b, n).clone()
+    rows, length, _ = x.shape
+    if rows == 0 or length < 2:
+        labels = torch.arange(length, device=x.device).expand(rows, length).clone()
+        return labels if valid is None else labels.masked_fill_(~valid, -1)
+    out = torch.empty(rows, length, device=x.device, dtype=torch.long)
     with torch.no_grad():
-        d = symmetric_neg_cosine(metric[:, protected:])
-        block = max(16, next_pow2(m))
-        rows = max(1, min(16, 4096 // block))
-        kernel[(b,)](
+        d = symmetric_neg_cosine(x)
+        block = max(16, next_pow2(length))
+        kernel[(rows,)](
             d,
-            torch.empty(b, m, device=d.device, dtype=d.dtype),
+            torch.empty(rows, length, device=d.device, dtype=d.dtype),
             out,
-            m,
-            protected,
-            min(int(r), m - 1),
+            r,
+            out if valid is None else valid,
+            length,
             LINK=LINKAGE_CODES[linkage],
             BLOCK=block,
-            ROWS=rows,
+            ROWS=max(1, min(16, 4096 // block)),
+            HAS_VALID=valid is not None,
             num_warps=4 if block <= 1024 else 8,
         )
     return out

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ...kernel import cluster_tokens, max_reduction
+from ...kernel import cluster_tokens
 from ...kernel.plan import MergePlan
 from ...schedule import Step, simulate, step_r
 from ..config import ViTConfig
@@ -132,13 +132,15 @@ class ViTPatch:
         partitioned does not depend on the padding's values. A ``meta`` metric gives a plan of
         the right shape (labels unset).
         """
-        c, p = self.config, self.protected
-        if metric.device.type == "meta":
-            return _shape_only_plan(metric, min(r, max_reduction(c.method, metric.shape[1], p)))
-        if valid is not None and not bool(valid.all()):
-            return _padded_plan(self, metric, r, valid)
+        c = self.config
         return cluster_tokens(
-            metric, r, method=c.method, linkage=c.linkage, protected=p, backend=c.backend
+            metric,
+            r,
+            method=c.method,
+            linkage=c.linkage,
+            protected=self.protected,
+            mask=valid,
+            backend=c.backend,
         )
 
 
@@ -194,41 +196,6 @@ def merge_step(patch: ViTPatch, metric: Tensor, r: int, tokens: Tokens) -> Token
     if valid is not None:
         valid = plan.merge(valid[..., None].to(x.dtype), mode="amax")[..., 0] > 0
     return Tokens(x, size, source, mask, grid, valid)
-
-
-def _shape_only_plan(metric: Tensor, r: int) -> MergePlan:
-    """A plan of the right shape for a ``meta`` metric (the kernel reads values)."""
-    b, n, _ = metric.shape
-    if r <= 0:
-        return MergePlan.identity(b, n, metric.device)
-    return MergePlan(metric.new_empty((b, n), dtype=torch.long), n - r, validate=False)
-
-
-def _padded_plan(patch: ViTPatch, metric: Tensor, r: int, valid: Tensor) -> MergePlan:
-    """:meth:`ViTPatch.plan` with padding: per sample, the real tokens are clustered among
-    themselves first (up to ``r`` merges), the padding among itself with the rest. One kernel
-    call per sample and group, with host synchronisations (``nonzero``); a sample that cannot
-    lose ``r`` tokens this way leaves the whole batch unmerged at this block."""
-    c, p = patch.config, patch.protected
-    b, n, _ = metric.shape
-    labels = torch.empty(b, n, dtype=torch.long, device=metric.device)
-    labels[:, :p] = torch.arange(p, device=metric.device)
-    for i in range(b):
-        real = p + valid[i, p:].nonzero()[:, 0]
-        pad = p + (~valid[i, p:]).nonzero()[:, 0]
-        ids = torch.cat([torch.arange(p, device=metric.device), real])
-        r_real = min(r, max_reduction(c.method, len(ids), p))
-        r_pad = min(r - r_real, max_reduction(c.method, len(pad), 0))
-        if r_real + r_pad < r:  # this sample cannot lose r tokens: nobody merges
-            return MergePlan.identity(b, n, metric.device)
-        groups = ((ids, r_real, p, 0), (pad, r_pad, 0, len(ids) - r_real))
-        for idx, k, keep, offset in groups:
-            if len(idx):
-                sub = cluster_tokens(
-                    metric[i, idx][None], k, method=c.method, linkage=c.linkage, protected=keep
-                )
-                labels[i, idx] = sub.labels[0] + offset
-    return MergePlan(labels, n - r)
 
 
 def key_padding(mask: Any, batch: int) -> Tensor | None:
