@@ -47,7 +47,7 @@ import atc_patch
 from atc_patch.dit_models import transformer_config, transformer_inputs
 from atc_patch.kernel import cluster_tokens
 from atc_patch.kernel.scratch import release_workspace
-from atc_patch.patch.dit import metric_projection
+from atc_patch.patch.diffusion.core import metric_projection
 
 METHODS = (
     "unpatched",

@@ -59,6 +59,7 @@ def cluster_tokens(
     sy: int = 2,
     no_rand: bool = False,
     generator: torch.Generator | None = None,
+    pick: Tensor | None = None,
     k: int = 5,
     iters: int = 10,
     backend: str = "auto",
@@ -78,6 +79,9 @@ def cluster_tokens(
         sy: ``"tome_sd"`` only: the window's height.
         no_rand: ``"tome_sd"`` only: top-left destinations instead of random ones.
         generator: ``"tome_sd"`` only: the ``torch.Generator`` drawing the destinations.
+        pick: ``"tome_sd"`` only, instead of drawing: the destination of each window, an
+            ``(h // sy, w // sx)`` integer tensor with values in ``[0, sy * sx)`` (row-major
+            position in the window), e.g. derived on the device from a seed (no host sync).
         k: ``"dpcknn"`` only, neighbours used for the density.
         iters: ``"kmedoids"`` only, maximum assignment/update iterations.
         backend: ``"atc"`` only (other methods are plain torch): ``"auto"`` (the fused Triton
@@ -101,7 +105,16 @@ def cluster_tokens(
     r = min(int(r), max_reduction(method, n, protected))
     if method == "tome_sd":
         return bipartite_random2d_plan(
-            metric, r, protected, h=h, w=w, sx=sx, sy=sy, no_rand=no_rand, generator=generator
+            metric,
+            r,
+            protected,
+            h=h,
+            w=w,
+            sx=sx,
+            sy=sy,
+            no_rand=no_rand,
+            generator=generator,
+            pick=pick,
         )
     if r == 0:
         return MergePlan.identity(b, n, metric.device)

@@ -93,14 +93,15 @@ def bipartite_random2d_plan(
     sy: int,
     no_rand: bool,
     generator: torch.Generator | None,
+    pick: Tensor | None = None,
 ) -> MergePlan:
     """ToMe-SD's ``bipartite_soft_matching_random2d`` on ``metric`` ``(B, h*w, C)``.
 
-    One destination per ``sy x sx`` window (a random one drawn from ``generator``, or the
-    top-left one when ``no_rand``); rows/columns past the last whole window are sources. Every
-    source is matched to its most similar destination and the ``r`` best matches merge
-    (``r`` is clamped to the number of sources). Output order as ToMe-SD: unmerged sources by
-    decreasing score, then destinations.
+    One destination per ``sy x sx`` window (``pick`` ``(h // sy, w // sx)`` if given, else a
+    random one drawn from ``generator``, or the top-left one when ``no_rand``); rows/columns
+    past the last whole window are sources. Every source is matched to its most similar
+    destination and the ``r`` best matches merge (``r`` is clamped to the number of sources).
+    Output order as ToMe-SD: unmerged sources by decreasing score, then destinations.
     """
     bsz, n, _ = metric.shape
     if protected:
@@ -120,6 +121,8 @@ def bipartite_random2d_plan(
     with torch.no_grad():
         if no_rand:
             pick = torch.zeros(hsy, wsx, 1, device=device, dtype=torch.long)
+        elif pick is not None:
+            pick = pick.to(device=device, dtype=torch.long).reshape(hsy, wsx, 1)
         else:
             gen_device = generator.device if generator is not None else device
             pick = torch.randint(

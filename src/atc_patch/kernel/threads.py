@@ -133,7 +133,7 @@ def kernel_threads(device: torch.device | str) -> Iterator[None]:
 
     Acts on CPU work only and on the calling thread only; restores its setting on exit.
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():  # not in a graph
         yield
         return
     threads = torch.get_num_threads()  # also lets torch set up this thread's pool first

@@ -26,7 +26,16 @@ from typing import Any
 from torch import nn
 
 SAVED_ATTR = "_atc_saved"
-_MISSING = object()
+
+
+class _Missing:
+    """No instance attribute was there; one object, also after pickle and deepcopy."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclass
@@ -34,6 +43,9 @@ class _Saved:
     """What :func:`override` / :func:`add_hook` changed on one module."""
 
     attrs: dict[str, Any] = field(default_factory=dict)  # name -> previous instance value
+    # name -> the class's function, for a name with no previous instance value (held as an
+    # object: torch.compile calls it, where it cannot look it up on some library classes)
+    funcs: dict[str, Callable[..., Any]] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)  # RemovableHandle
 
 
@@ -55,6 +67,8 @@ def override(module: nn.Module, name: str, impl: Callable[..., Any], *bound: Any
     if name in saved.attrs:
         raise RuntimeError(f"{type(module).__name__}.{name} is already overridden")
     saved.attrs[name] = vars(module).get(name, _MISSING)
+    if saved.attrs[name] is _MISSING:
+        saved.funcs[name] = getattr(type(module), name)
     wrapper = functools.partial(impl, module, *bound)
     wrapper.__wrapped__ = getattr(module, name)  # type: ignore[attr-defined]
     object.__setattr__(module, name, wrapper)
@@ -64,9 +78,10 @@ def original(module: nn.Module, name: str) -> Callable[..., Any]:
     """The ``name`` method ``module`` had before :func:`override` (bound to ``module``)."""
     saved = vars(module).get(SAVED_ATTR)
     previous = _MISSING if saved is None else saved.attrs.get(name, _MISSING)
-    if previous is _MISSING:
-        return getattr(type(module), name).__get__(module)
-    return previous
+    if previous is not _MISSING:
+        return previous
+    func = saved.funcs.get(name) if saved is not None else None
+    return functools.partial(func or getattr(type(module), name), module)
 
 
 def is_overridden(module: nn.Module, name: str) -> bool:
