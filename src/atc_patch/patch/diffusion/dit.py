@@ -207,7 +207,7 @@ def _ids_grid(ids: Tensor | None, n: int, downsample: int) -> tuple[int, int]:
         h = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
         return h, n // h
     if torch.compiler.is_compiling():
-        side = math.isqrt(n)
+        side = torch.sym_int(torch.sym_sqrt(n) + 0.5)  # also for a dynamic token count
         if side * side != n:
             raise ValueError(
                 f"method='tome_sd' under torch.compile reads Flux's grid from the token count "
