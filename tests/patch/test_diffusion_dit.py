@@ -84,6 +84,20 @@ def _record(module, store: list, index=None):
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
+def _block_io(model, block, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One call's ``block`` input, its ``norm1`` output and what reaches ``attn.to_q`` (the
+    rows of the merged attention's per-sample calls concatenated)."""
+    x_in, normed, q_in = [], [], []
+    pre = block.register_forward_pre_hook(
+        lambda m, a, kw: x_in.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
+    hooks = [pre, _record(block.norm1, normed, index=0), _record(block.attn.to_q, q_in)]
+    run(model, inputs)
+    for h in hooks:
+        h.remove()
+    return x_in[0], normed[0], torch.cat(q_in)
+
+
 # ---------------------------------------------------------------------------------------------
 # token counts, blocks
 # ---------------------------------------------------------------------------------------------
@@ -238,18 +252,10 @@ def test_tome_sd_windows_lie_on_the_real_token_grid(kind):
     model = model_of(kind)
     atc_patch.apply_patch(model, method="tome_sd", ratio=0.5, use_rand=False)
     inputs = inputs_of(model, kind, batch=2, h=6, w=4)
-    block = model.transformer_blocks[0]
-    x_in, normed, q_in = [], [], []
-    pre = block.register_forward_pre_hook(
-        lambda m, a, kw: x_in.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
-    )
-    hooks = [pre, _record(block.norm1, normed, index=0), _record(block.attn.to_q, q_in)]
-    run(model, inputs)
-    for h in hooks:
-        h.remove()
+    x, normed, q_in = _block_io(model, model.transformer_blocks[0], inputs)
     for hw, same in (((6, 4), True), ((4, 6), False)):
-        plan = cluster_tokens(x_in[0], 12, "tome_sd", h=hw[0], w=hw[1], no_rand=True)
-        assert torch.equal(plan.merge(normed[0]), torch.cat(q_in)) is same
+        plan = cluster_tokens(x, 12, "tome_sd", h=hw[0], w=hw[1], no_rand=True)
+        assert torch.equal(plan.merge(normed), q_in) is same
 
 
 def test_flux_grid_is_read_once_per_img_ids_and_must_be_a_raster():
@@ -274,20 +280,11 @@ def test_metric_dim_clusters_the_projected_tokens():
     model = model_of("tiny-sd3")
     atc_patch.apply_patch(model, method="atc", linkage="average", ratio=0.5, metric_dim=8)
     inputs = inputs_of(model, "tiny-sd3")
-    block = model.transformer_blocks[1]
-    x_in, normed, q_in = [], [], []
-    pre = block.register_forward_pre_hook(
-        lambda m, a, kw: x_in.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
-    )
-    hooks = [pre, _record(block.norm1, normed, index=0), _record(block.attn.to_q, q_in)]
-    run(model, inputs)
-    for h in hooks:
-        h.remove()
-    x = x_in[0]
+    x, normed, q_in = _block_io(model, model.transformer_blocks[1], inputs)
     projected = cluster_tokens(x @ metric_projection(x.shape[-1], 8, x), 12, "atc")
     full = cluster_tokens(x, 12, "atc")
-    assert torch.equal(projected.merge(normed[0]), q_in[0])
-    assert not torch.equal(full.merge(normed[0]), q_in[0])
+    assert torch.equal(projected.merge(normed), q_in)
+    assert not torch.equal(full.merge(normed), q_in)
 
 
 def test_self_attention_key_mask_follows_the_merge():
