@@ -46,7 +46,7 @@ from tqdm import tqdm
 import atc_patch
 from atc_patch.kernel import cluster_tokens
 from atc_patch.kernel.scratch import release_workspace
-from atc_patch.patch.dit import metric_projection
+from atc_patch.patch.diffusion.core import metric_projection
 from atc_patch.testing import transformer_config, transformer_inputs
 
 METHODS = (

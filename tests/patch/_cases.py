@@ -98,34 +98,31 @@ def _hf_task(vit: torch.nn.Module) -> Any:
 
 
 def _unet() -> torch.nn.Module:
-    from atc_patch.sd_models import build_unet
+    from atc_patch.testing import build_unet
 
-    return build_unet("tiny-sd")
+    return build_unet("tiny-sdxl")  # no attention at stride 1: max_downsample=1 is refused
 
 
 def _run_unet(unet: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
-    from atc_patch.sd_models import unet_inputs
+    from atc_patch.testing import unet_inputs
 
     return unet(**to_device(unet_inputs(unet, batch=2, height=16, width=16), device)).sample
 
 
 def _pipe_with(root: torch.nn.Module, kind: str) -> Any:
-    if kind == "unet":
-        from atc_patch.sd_models import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline()
-        pipe.unet = root
-        return pipe
-    from atc_patch.dit_models import build_tiny_pipeline
+    from atc_patch.testing import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(kind)
-    pipe.transformer = root
+    if kind == "tiny-sdxl":
+        pipe.unet = root
+    else:
+        pipe.transformer = root
     return pipe
 
 
 def _dit(kind: str) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
-        from atc_patch.dit_models import build_transformer
+        from atc_patch.testing import build_transformer
 
         return build_transformer(kind)
 
@@ -133,9 +130,10 @@ def _dit(kind: str) -> Callable[[], torch.nn.Module]:
 
 
 def _run_dit(model: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
-    from atc_patch.dit_models import transformer_inputs
+    from atc_patch.testing import transformer_inputs
 
-    return model(**to_device(transformer_inputs(model, batch=2, height=8, width=8), device)).sample
+    plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its model's inputs
+    return model(**to_device(transformer_inputs(plain, batch=2, height=8, width=8), device)).sample
 
 
 def _adapter() -> torch.nn.Module:
@@ -195,8 +193,8 @@ CASES = [
         "unet",
         _unet,
         _run_unet,
-        holder=lambda u: _pipe_with(u, "unet"),
-        bad_at_apply={"max_downsample": 64},
+        holder=lambda u: _pipe_with(u, "tiny-sdxl"),
+        bad_at_apply={"max_downsample": 1},
         **_DIFFUSION,
     ),  # fmt: skip
     *(

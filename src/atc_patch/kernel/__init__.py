@@ -91,6 +91,7 @@ def cluster_tokens(
     st: int | None = None,
     no_rand: bool = False,
     generator: torch.Generator | None = None,
+    pick: Tensor | None = None,
     k: int | None = None,
     iters: int | None = None,
     backend: str = "auto",
@@ -123,6 +124,10 @@ def cluster_tokens(
         st: ``"tome_sd"`` with a 3-D grid only: the window's frames (default 1).
         no_rand: ``"tome_sd"`` only: the window's first token as destination, not a random one.
         generator: ``"tome_sd"`` only: the ``torch.Generator`` drawing the destinations.
+        pick: ``"tome_sd"`` only, instead of drawing: the destination of each window, an
+            integer tensor with one entry per whole window (``(t // st, h // sy, w // sx)``
+            values in ``[0, st * sy * sx)``, row-major position in the window), e.g. derived on
+            the device from a seed (no host synchronisation).
         k: ``"dpcknn"`` only: neighbours used for the density (default 5).
         iters: ``"kmedoids"`` only: assignment/update iterations (default 10).
         backend: ``"atc"`` only: ``"auto"`` (the fused Triton kernel on CUDA when the rows it
@@ -144,7 +149,8 @@ def cluster_tokens(
     Half-precision metrics are clustered in float32.
     """
     opts = {"mask": mask, "grid": grid, "tile": tile, "h": h, "w": w, "sx": sx, "sy": sy}
-    opts |= {"st": st, "no_rand": no_rand, "generator": generator, "k": k, "iters": iters}
+    opts |= {"st": st, "no_rand": no_rand, "generator": generator, "pick": pick}
+    opts |= {"k": k, "iters": iters}
     call = check_call(metric, r, method, protected, linkage=linkage, backend=backend, **opts)
     b, n, _ = metric.shape
     r = min(call.r, _cap(call, n))
@@ -155,7 +161,7 @@ def cluster_tokens(
     with call_scope():
         if method == "tome_sd":
             return bipartite_random_grid_plan(
-                metric, r, call.grid, call.window, call.no_rand, call.generator
+                metric, r, call.grid, call.window, call.no_rand, call.generator, call.pick
             )
         if call.tile is None and call.mask is None:
             return _plain(metric, r, call)

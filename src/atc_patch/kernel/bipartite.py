@@ -117,13 +117,14 @@ def bipartite_random_grid_plan(
     window: tuple[int, int, int],
     no_rand: bool,
     generator: torch.Generator | None,
+    pick: Tensor | None = None,
 ) -> MergePlan:
     """ToMe-SD's ``bipartite_soft_matching_random2d`` on ``metric`` ``(B, t*h*w, C)``, in 3-D.
 
     ``grid`` is ``(t, h, w)`` (``t = 1`` for an image) and ``window`` ``(st, sy, sx)``: one
-    destination per ``st x sy x sx`` window (a random one drawn from ``generator``, or the
-    first one when ``no_rand``); frames, rows and columns past the last whole window are
-    sources. Every source is matched to its most similar destination and the ``r`` best
+    destination per ``st x sy x sx`` window (``pick``, one entry per window, if given; else a
+    random one drawn from ``generator``, or the first one when ``no_rand``); frames, rows and
+    columns past the last whole window are sources. Every source is matched to its most similar destination and the ``r`` best
     matches merge (``r`` is clamped to the number of sources). Output order as ToMe-SD:
     unmerged sources by decreasing score, then destinations. For ``t = st = 1`` this is
     ``tomesd``'s function, draws included (``(h // sy, w // sx, 1)`` values in ``[0, sy * sx)``).
@@ -137,6 +138,8 @@ def bipartite_random_grid_plan(
     with torch.no_grad():
         if no_rand:
             pick = torch.zeros(tst, hsy, wsx, 1, device=device, dtype=torch.long)
+        elif pick is not None:
+            pick = pick.to(device=device, dtype=torch.long).reshape(tst, hsy, wsx, 1)
         else:
             gen_device = generator.device if generator is not None else device
             pick = torch.randint(

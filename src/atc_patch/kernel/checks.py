@@ -32,6 +32,7 @@ _METHOD_OPTIONS = (
     ("st", "tome_sd", None),
     ("no_rand", "tome_sd", False),
     ("generator", "tome_sd", None),
+    ("pick", "tome_sd", None),
     ("k", "dpcknn", None),
     ("iters", "kmedoids", None),
 )
@@ -52,6 +53,7 @@ class Call:
     window: tuple[int, int, int]
     no_rand: bool
     generator: torch.Generator | None
+    pick: Tensor | None
     k: int
     iters: int
     backend: str
@@ -111,10 +113,30 @@ def check_call(metric: Tensor, r: Any, method: str, protected: Any, **opts: Any)
         window=window,
         no_rand=bool(opts["no_rand"]),
         generator=opts["generator"],
+        pick=_check_pick(opts["pick"], grid, window, opts["generator"]),
         k=5 if k is None else as_int("k", k, minimum=1),
         iters=10 if iters is None else as_int("iters", iters, minimum=1),
         backend=backend,
     )
+
+
+def _check_pick(
+    pick: Any, grid: tuple[int, ...] | None, window: tuple[int, int, int], generator: Any
+) -> Tensor | None:
+    """ToMe-SD's given destinations: an integer tensor of one entry per whole window."""
+    if pick is None:
+        return None
+    if generator is not None:
+        raise ValueError("give pick (the destinations) or generator (to draw them), not both")
+    windows = 1
+    for g, s in zip(grid, window, strict=True):
+        windows *= g // s
+    if not isinstance(pick, Tensor) or pick.is_floating_point() or pick.numel() != windows:
+        raise ValueError(
+            f"pick must be an integer tensor with one entry per window ({windows}), got "
+            f"{tuple(pick.shape) if isinstance(pick, Tensor) else type(pick).__name__}"
+        )
+    return pick
 
 
 def _check_grid(method: str, free: int, opts: dict) -> tuple[int, ...] | None:

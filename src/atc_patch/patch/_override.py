@@ -43,6 +43,9 @@ class _Saved:
     """What :func:`override` / :func:`add_hook` changed on one module."""
 
     attrs: dict[str, Any] = field(default_factory=dict)  # name -> previous instance value
+    # name -> the class's function, for a name with no previous instance value (held as an
+    # object: torch.compile calls it, where it cannot look it up on some library classes)
+    funcs: dict[str, Callable[..., Any]] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)  # RemovableHandle
 
 
@@ -65,20 +68,45 @@ def override(module: nn.Module, name: str, impl: Callable[..., Any], *bound: Any
     if name in saved.attrs:
         raise RuntimeError(f"{type(module).__name__}.{name} is already overridden")
     saved.attrs[name] = vars(module).get(name, _MISSING)
-    wrapper = functools.partial(impl, module, *bound)
-    replaced = getattr(module, name, None)  # None: a hook the class does not define
+    func = getattr(type(module), name, None)  # None: a name the class does not define
+    if saved.attrs[name] is _MISSING and func is not None:
+        saved.funcs[name] = func
+    _bind(module, name, functools.partial(impl, module, *bound), getattr(module, name, None))
+    if _REPLICATE not in saved.attrs:  # DataParallel replicas get overrides bound to them
+        override(module, _REPLICATE, _replicate)
+
+
+def _bind(module: nn.Module, name: str, wrapper: functools.partial, replaced: Any) -> None:
     if replaced is not None:
         wrapper.__wrapped__ = replaced  # type: ignore[attr-defined]
     object.__setattr__(module, name, wrapper)
+
+
+_REPLICATE = "_replicate_for_data_parallel"
+
+
+def _replicate(module: nn.Module) -> nn.Module:
+    """``nn.Module._replicate_for_data_parallel`` for an overridden module: the replica's
+    ``__dict__`` is a shallow copy, so its overrides are re-bound to the replica itself."""
+    replica = original(module, _REPLICATE)()
+    saved = vars(module)[SAVED_ATTR]
+    object.__setattr__(replica, SAVED_ATTR, _Saved(dict(saved.attrs), dict(saved.funcs)))
+    for name in saved.attrs:
+        wrapper = vars(module)[name]
+        if isinstance(wrapper, functools.partial) and wrapper.args[:1] == (module,):
+            rebound = functools.partial(wrapper.func, replica, *wrapper.args[1:])
+            _bind(replica, name, rebound, getattr(wrapper, "__wrapped__", None))
+    return replica
 
 
 def original(module: nn.Module, name: str) -> Callable[..., Any]:
     """The ``name`` method ``module`` had before :func:`override` (bound to ``module``)."""
     saved = vars(module).get(SAVED_ATTR)
     previous = _MISSING if saved is None else saved.attrs.get(name, _MISSING)
-    if previous is _MISSING:
-        return getattr(type(module), name).__get__(module)
-    return previous
+    if previous is not _MISSING:
+        return previous
+    func = saved.funcs.get(name) if saved is not None else None
+    return functools.partial(func or getattr(type(module), name), module)
 
 
 def is_overridden(module: nn.Module, name: str) -> bool:

@@ -146,8 +146,8 @@ class PatchConfig:
                 if name in given:
                     raise ValueError(f"give {name} or {alias} (the same option), not both")
                 given[name] = given.pop(alias)
-        others = {n for names in cls.METHOD_ONLY.values() for n in names} - set(cls.options(method))
-        given = {k: v for k, v in given.items() if v is not None or k not in others}  # default
+        fields = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in given.items() if v is not None or k not in fields}  # default
         hints = {**HINTS[cls.KIND], **unused}
         for other, names in cls.METHOD_ONLY.items():
             for name in names:
@@ -155,7 +155,7 @@ class PatchConfig:
                     hints.setdefault(name, f"{name} applies to method={other!r} only")
         valid = [k for k in cls.options(method) if k not in unused]
         check_options(f"{where or cls.WHAT} with method={method!r}", given, valid, hints)
-        return cls(method=method, **{k: v for k, v in given.items() if v is not None})
+        return cls(method=method, **given)
 
     def check_unused(self, unused: Mapping[str, str], where: str = "") -> None:
         """Raise ``ValueError`` if an option in ``unused`` (``{name: hint}``) is not at its

@@ -1,0 +1,345 @@
+"""The per-call state of a patched diffusion model, its plans, seeding and checkpoint replay.
+
+One :class:`Call` per forward call of a patched root (a UNet or a diffusion transformer): made
+by the root's forward pre-hook, held in a context variable (private to the thread and asyncio
+task, so concurrent calls and replicas never share one) and dropped by its forward hook. The
+running block (:class:`Active`: its spec, input tokens and plan, planned on first use) lives on
+the call. Nothing that changes per call is stored on a module::
+
+    enter_call(root, Call(grid, timestep))      # the family's root pre-hook
+    active = active_block(index)                # in a sublayer of block ``index``
+    plan = block_plan(active)                   # None: run unmerged
+
+``tome_sd``'s random destinations are a pure function of ``(seed, timestep, block)`` computed
+on the device (or of one key drawn per call from a user ``generator``): no host read, the same
+run draws the same ones, and a gradient-checkpoint recomputation draws them again exactly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...kernel import cluster_tokens, max_reduction
+from ...kernel.plan import MergePlan
+from ..config import DiffusionConfig
+
+CKPT_ATTR = "_gradient_checkpointing_func"  # diffusers' per-module checkpoint function
+Grid = Callable[[int, int], tuple[int, int]]  # (tokens, latent stride) -> (h, w)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One patched block, fixed at patch time (bound into its hooks).
+
+    Attributes:
+        config: the patch's settings.
+        index: the block's position in its family's block list (matches sublayers to their
+            block; seeds ``tome_sd``'s draws).
+        spans: ``(sublayer attribute, Span)`` pairs of the sublayers that follow the plan.
+        downsample: the block's latent stride (UNets; its grid is the call's latent grid / d).
+        prefix: ``(position, name)`` of the argument whose tokens lie, never merged, in front
+            of the image tokens inside the sublayers (Flux single-stream: the text).
+    """
+
+    config: DiffusionConfig
+    index: int
+    spans: tuple[tuple[str, Any], ...]
+    downsample: int = 1
+    prefix: tuple[int, str] | None = None
+
+
+class CallVar:
+    """A context variable that also works while ``torch.compile`` traces, which cannot set
+    one: then the value lives in a plain attribute, set and reset as traced side effects."""
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+        self._traced: Any = None
+
+    def get(self) -> Any:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: Any) -> Any:
+        if torch.compiler.is_compiling():
+            token, self._traced = (self._traced,), value
+            return token
+        return self._var.set(value)
+
+    def reset(self, token: Any) -> None:
+        if isinstance(token, tuple):
+            self._traced = token[0]
+        else:
+            self._var.reset(token)
+
+
+_CALL = CallVar("atc_patch_diffusion_call")
+
+
+@dataclass(eq=False)
+class Call:
+    """One forward call of a patched root.
+
+    Attributes:
+        grid: ``grid(n, d) -> (h, w)``, the token grid of ``n`` tokens at latent stride ``d``;
+            ``None`` when unknown (a block called on its own).
+        timestep: the call's timestep (tensor or number), or ``None``.
+        key: ``tome_sd``'s random key of the call, ``(1,)`` int64, made on first use.
+        active: the running block.
+        standalone: made by a block called outside its root's forward.
+    """
+
+    grid: Grid | None
+    timestep: Any
+    key: Tensor | None = None
+    active: Active | None = None
+    standalone: bool = False
+    token: Any = field(default=None, repr=False)
+
+    def grid_of(self, n: int, downsample: int) -> tuple[int, int]:
+        if self.grid is not None:
+            return self.grid(n, downsample)
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(
+                f"method='tome_sd': cannot infer the token grid of {n} tokens: the block was "
+                "called outside its model's forward"
+            )
+        return side, side
+
+
+@dataclass(eq=False)
+class Active:
+    """The running block: its spec, its image tokens ``x`` ``(B, N, C)`` (the plan's metric),
+    the never-merged ``prefix`` length in its sublayers, and its plan once made."""
+
+    spec: BlockSpec
+    x: Tensor
+    prefix: int
+    call: Call
+    plan: MergePlan | None = None
+    planned: bool = False
+
+
+def enter_call(root: nn.Module, call: Call) -> None:
+    """Start ``call`` (a family's root forward pre-hook calls this)."""
+    call.token = _CALL.set(call)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        wrap_checkpointing(root)
+
+
+def exit_call(root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """The root's forward hook (``always_call``): end the call."""
+    call = _CALL.get()
+    if call is not None and call.token is not None and not call.standalone:
+        _CALL.reset(call.token)
+
+
+def enter_block(spec: BlockSpec, block: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A patched block's forward pre-hook: make it the running block of its call."""
+    x = args[0] if args else kwargs["hidden_states"]
+    prefix = 0
+    if spec.prefix is not None:
+        pos, name = spec.prefix
+        prefix = int((args[pos] if len(args) > pos else kwargs[name]).shape[1])
+    call = _CALL.get()
+    if call is None:  # called on its own: a call of its own
+        call = Call(None, None, standalone=True)
+        call.token = _CALL.set(call)
+    call.active = Active(spec, x, prefix, call)
+
+
+def exit_block(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """A patched block's forward hook (``always_call``)."""
+    call = _CALL.get()
+    if call is not None:
+        call.active = None
+        if call.standalone:
+            _CALL.reset(call.token)
+
+
+def active_block(index: int) -> Active | None:
+    """The running block if it is block ``index`` of its root, else ``None``."""
+    call = _CALL.get()
+    active = None if call is None else call.active
+    return active if active is not None and active.spec.index == index else None
+
+
+def block_plan(active: Active) -> MergePlan | None:
+    """The running block's plan (made on first use), ``None`` to run unmerged."""
+    if not active.planned:
+        active.plan = _plan(active.call, active.spec, active.x)
+        active.planned = True
+    return active.plan
+
+
+def _plan(call: Call, spec: BlockSpec, x: Tensor) -> MergePlan | None:
+    """The plan for image tokens ``x`` ``(B, N, C)``; ``None`` when nothing merges (``r = 0``,
+    an empty batch, or a ``tome_sd`` grid smaller than one window, which warns)."""
+    cfg = spec.config
+    b, n, c = x.shape
+    r = int(n * cfg.ratio)
+    if r <= 0 or b == 0:
+        return None
+    metric = x.detach()
+    if cfg.metric_dim is not None and cfg.metric_dim < c:
+        metric = metric @ metric_projection(c, cfg.metric_dim, metric)
+    if cfg.method == "tome_sd":
+        h, w = call.grid_of(n, spec.downsample)
+        windows = (h // cfg.sy, w // cfg.sx)
+        if 0 in windows:
+            _warn(
+                f"method='tome_sd': a block at downsample {spec.downsample} has a {h}x{w} "
+                f"token grid, smaller than one sy x sx = {cfg.sy}x{cfg.sx} window, so it "
+                "merges nothing (use smaller sx/sy, larger latents or a smaller max_downsample)"
+            )
+            return None
+        cap = n - windows[0] * windows[1]
+        _warn_capped(cfg, r, n, cap, f"ToMe-SD keeps one destination per {cfg.sy}x{cfg.sx} window")
+        # tomesd: an odd batch cannot be a CFG pair, and shared random draws give artifacts.
+        rand = cfg.use_rand and b % 2 == 0
+        pick = picks(call, cfg, spec.index, windows, x.device) if rand else None
+        plan = cluster_tokens(
+            metric, r, "tome_sd", h=h, w=w, sx=cfg.sx, sy=cfg.sy, no_rand=not rand, pick=pick
+        )
+    else:
+        if cfg.method == "tome":
+            cap = max_reduction("tome", n)
+            _warn_capped(cfg, r, n, cap, "ToMe merges one half of the tokens into the other")
+        options = {"linkage": cfg.linkage, "backend": cfg.backend} if cfg.method == "atc" else {}
+        plan = cluster_tokens(metric, r, cfg.method, **options)
+    return None if plan.is_identity else plan
+
+
+def _warn(message: str) -> None:
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, stacklevel=5)
+
+
+def _warn_capped(cfg: DiffusionConfig, r: int, n: int, cap: int, why: str) -> None:
+    """An unreachable ``ratio`` warns (once per message, Python's default) with what is kept."""
+    if r > cap:
+        _warn(
+            f"method={cfg.method!r}: ratio={cfg.ratio} asks for {r} of a block's {n} tokens, but "
+            f"at most {cap} can be removed ({why}); the block removes {cap} and keeps {n - cap}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# tome_sd's random destinations: hashed on the device, no host read
+# --------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix(x: Any) -> Any:
+    """A 32-bit integer hash of ``x`` in ``[0, 2**32)`` (int64 tensor or int; no overflow)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def call_key(call: Call, cfg: DiffusionConfig, device: torch.device) -> Tensor:
+    """The call's ``(1,)`` int64 key on ``device``: one draw from the user's ``generator``, else
+    a hash of ``seed`` and ``round(1000 * timestep)`` (first element), made on the device."""
+    if call.key is None:
+        gen = cfg.generator
+        if gen is not None:
+            key = torch.randint(2**32, (1,), generator=gen, device=gen.device)
+        else:
+            t = call.timestep
+            if isinstance(t, Tensor):
+                t = (t.reshape(-1)[:1].float() * 1000).round().long()
+            else:
+                t = torch.full((1,), round(float(t or 0.0) * 1000), device=device)
+            seed = cfg.seed or 0
+            key = _mix((t.to(device) & _M32) ^ _mix((seed ^ (seed >> 32)) & _M32))
+        call.key = key.to(device, non_blocking=True)
+    return call.key
+
+
+def picks(
+    call: Call, cfg: DiffusionConfig, index: int, windows: tuple[int, int], device: torch.device
+) -> Tensor:
+    """The destination of every window of block ``index``: ``(h // sy, w // sx)`` int64 in
+    ``[0, sy * sx)``, a hash of the call's key, the block and the window."""
+    key = _mix(call_key(call, cfg, device) ^ _mix(index + 1))
+    j = torch.arange(windows[0] * windows[1], device=device)
+    return (_mix((key + j) & _M32) % (cfg.sx * cfg.sy)).view(windows)
+
+
+_PROJECTIONS: dict[tuple[int, int, str, torch.dtype], Tensor] = {}
+
+
+def metric_projection(c: int, d: int, like: Tensor) -> Tensor:
+    """The fixed ``(c, d)`` Gaussian projection of ``metric_dim=d`` (seed 0, scaled by
+    ``1 / sqrt(d)``): cosine similarities of projected tokens estimate those of the tokens
+    (Johnson-Lindenstrauss), at ``c / d`` times less distance-matrix work."""
+    key = (c, d, str(like.device), like.dtype)
+    p = _PROJECTIONS.get(key)
+    if p is None:
+        g = torch.Generator().manual_seed(0)
+        p = (torch.randn(c, d, generator=g) / math.sqrt(d)).to(like.device, like.dtype)
+        _PROJECTIONS[key] = p
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checkpointing: a recomputed block runs within the call it belongs to
+# --------------------------------------------------------------------------------------------
+class CheckpointInCall:
+    """Wraps a module's ``_gradient_checkpointing_func(module, *args)`` (what every diffusers
+    model calls on a block when checkpointing): ``module`` is handed on as a callable that runs
+    it within the current call, also when the function calls it again in ``backward()``."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+        call = _CALL.get()
+        if call is None:
+            return self.func(module, *args, **kwargs)
+        return self.func(_InCall(module, call), *args, **kwargs)
+
+
+class _InCall:
+    """``module`` as a checkpoint function sees it: ``__call__`` runs it within ``call``."""
+
+    def __init__(self, module: Any, call: Call) -> None:
+        self.module = module
+        self.call = call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _CALL.get() is self.call:
+            return self.module(*args, **kwargs)
+        token = _CALL.set(self.call)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            _CALL.reset(token)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a checkpoint function reads
+        return getattr(self.__dict__["module"], name)
+
+
+def wrap_checkpointing(root: nn.Module) -> None:
+    """Wrap (once) every ``_gradient_checkpointing_func`` under ``root``; run at the start of
+    each gradient-enabled call, so it also covers checkpointing enabled after patching."""
+    for m in root.modules():
+        func = vars(m).get(CKPT_ATTR)
+        if func is not None and not isinstance(func, CheckpointInCall):
+            object.__setattr__(m, CKPT_ATTR, CheckpointInCall(func))
+
+
+def unwrap_checkpointing(root: nn.Module) -> None:
+    """Undo :func:`wrap_checkpointing` under ``root``."""
+    for m in root.modules():
+        func = vars(m).get(CKPT_ATTR)
+        if isinstance(func, CheckpointInCall):
+            object.__setattr__(m, CKPT_ATTR, func.func)
