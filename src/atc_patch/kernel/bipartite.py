@@ -125,8 +125,9 @@ def bipartite_random_grid_plan(
     destination per ``st x sy x sx`` window (``pick``, one entry per window, if given; else a
     random one drawn from ``generator``, or the first one when ``no_rand``); frames, rows and
     columns past the last whole window are sources. Every source is matched to its most
-    similar destination and the ``r`` best matches merge (``r`` is clamped to the number of sources). Output order as ToMe-SD:
-    unmerged sources by decreasing score, then destinations. For ``t = st = 1`` this is
+    similar destination and the ``r`` best matches merge (``r`` is clamped to the number of
+    sources). Output order as ToMe-SD: unmerged sources by decreasing score, then
+    destinations. For ``t = st = 1`` this is
     ``tomesd``'s function, draws included (``(h // sy, w // sx, 1)`` values in ``[0, sy * sx)``).
     """
     bsz, n, _ = metric.shape
