@@ -153,6 +153,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@torch.no_grad()  # not set_grad_enabled(False): main() is also called from the tests
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--unet", default="sd15", choices=UNET_KINDS, help="UNet layout (random init)")
@@ -184,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     set_kernel_threads(a.kernel_threads)
-    torch.set_grad_enabled(False)
 
     unet = build_unet(a.unet).to(a.device)
     inp = unet_inputs(unet, batch=a.batch, height=a.latent, width=a.latent)

@@ -11,8 +11,10 @@ the call. Nothing that changes per call is stored on a module::
     plan = block_plan(active)                   # None: run unmerged
 
 ``tome_sd``'s random destinations are a pure function of ``(seed, timestep, block)`` computed
-on the device (or of one key drawn per call from a user ``generator``): no host read, the same
-run draws the same ones, and a gradient-checkpoint recomputation draws them again exactly.
+on the device: no host read, the same run draws the same ones, and a gradient-checkpoint
+recomputation draws them again exactly. With a user ``generator`` they are drawn from it as
+``tomesd`` draws them (one ``randint`` per block, in call order), kept on the call for a
+recomputation.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Call:
             ``None`` when unknown (a block called on its own).
         timestep: the call's timestep (tensor or number), or ``None``.
         key: ``tome_sd``'s random key of the call, ``(1,)`` int64, made on first use.
+        drawn: ``tome_sd``'s destinations drawn from a user generator, per block index.
         active: the running block.
         standalone: made by a block called outside its root's forward.
     """
@@ -99,6 +102,7 @@ class Call:
     grid: Grid | None
     timestep: Any
     key: Tensor | None = None
+    drawn: dict[int, Tensor] = field(default_factory=dict)
     active: Active | None = None
     standalone: bool = False
     token: Any = field(default=None, repr=False)
@@ -246,21 +250,16 @@ def _mix(x: Any) -> Any:
 
 
 def call_key(call: Call, cfg: DiffusionConfig, device: torch.device) -> Tensor:
-    """The call's ``(1,)`` int64 key on ``device``: one draw from the user's ``generator``, else
-    a hash of ``seed`` and ``round(1000 * timestep)`` (first element), made on the device."""
+    """The call's ``(1,)`` int64 key on ``device``: a hash of ``seed`` and
+    ``round(1000 * timestep)`` (first element), made on the device."""
     if call.key is None:
-        gen = cfg.generator
-        if gen is not None:
-            key = torch.randint(2**32, (1,), generator=gen, device=gen.device)
+        t = call.timestep
+        if isinstance(t, Tensor):
+            t = (t.reshape(-1)[:1].float() * 1000).round().long()
         else:
-            t = call.timestep
-            if isinstance(t, Tensor):
-                t = (t.reshape(-1)[:1].float() * 1000).round().long()
-            else:
-                t = torch.full((1,), round(float(t or 0.0) * 1000), device=device)
-            seed = cfg.seed or 0
-            key = _mix((t.to(device) & _M32) ^ _mix((seed ^ (seed >> 32)) & _M32))
-        call.key = key.to(device, non_blocking=True)
+            t = torch.full((1,), round(float(t or 0.0) * 1000), device=device)
+        seed = cfg.seed or 0
+        call.key = _mix((t.to(device) & _M32) ^ _mix((seed ^ (seed >> 32)) & _M32))
     return call.key
 
 
@@ -268,7 +267,16 @@ def picks(
     call: Call, cfg: DiffusionConfig, index: int, windows: tuple[int, int], device: torch.device
 ) -> Tensor:
     """The destination of every window of block ``index``: ``(h // sy, w // sx)`` int64 in
-    ``[0, sy * sx)``, a hash of the call's key, the block and the window."""
+    ``[0, sy * sx)``, a hash of the call's key, the block and the window; or, with a user
+    ``generator``, drawn from it as ``tomesd`` does (once per block and call)."""
+    gen = cfg.generator
+    if gen is not None:
+        drawn = call.drawn.get(index)
+        if drawn is None:
+            size = (*windows, 1)
+            drawn = torch.randint(cfg.sx * cfg.sy, size, generator=gen, device=gen.device)
+            drawn = call.drawn[index] = drawn.to(device)
+        return drawn.view(windows)
     key = _mix(call_key(call, cfg, device) ^ _mix(index + 1))
     j = torch.arange(windows[0] * windows[1], device=device)
     return (_mix((key + j) & _M32) % (cfg.sx * cfg.sy)).view(windows)
