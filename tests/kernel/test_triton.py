@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import same_partition
-from test_kernel_atc import scipy_cuts
-from test_kernel_syncs import costs
 
 import atc_patch
 from atc_patch.kernel.ops import resolve_backend
+
+from .test_atc import scipy_cuts
+from .test_syncs import costs
 
 WORKER = Path(__file__).with_name("_triton_interp_worker.py")
 LINKAGES = ["single", "complete", "average"]
@@ -27,7 +28,7 @@ def interpreted() -> dict:
     """The worker's report (it runs the fused path with ``TRITON_INTERPRET=1`` set before
     triton is imported, which a process that already imported triton cannot do)."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[2] / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     done = subprocess.run(
         [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=1800

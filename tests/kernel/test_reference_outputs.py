@@ -1,9 +1,9 @@
 """``cluster_tokens(metric, r, method=...)`` without the tile, mask and grid arguments gives,
 bit for bit, the labels the kernel gave before they existed (commit 86aafb5).
 
-``kernel_reference.json`` holds, per case, ``num_out`` and the SHA-256 of the ``(B, N)`` int64
-labels, computed by this module's :func:`reference` on that commit
-(``PYTHONPATH=<its src> python tests/test_kernel_reference.py > tests/kernel_reference.json``).
+``reference_outputs.json`` holds, per case, ``num_out`` and the SHA-256 of the ``(B, N)``
+int64 labels, computed by this module's :func:`reference` on that commit (``PYTHONPATH=<its
+src> python tests/kernel/test_reference_outputs.py > tests/kernel/reference_outputs.json``).
 K-Medoids is left out: its medoid update broke exact ties by rounding noise there (issue 20,
 item 6), which this kernel replaced by exact costs, so its outputs change by design.
 """
@@ -21,7 +21,7 @@ import torch
 
 import atc_patch
 
-STORED = Path(__file__).with_name("kernel_reference.json")
+STORED = Path(__file__).with_name("reference_outputs.json")
 
 
 def cases() -> Iterator[tuple[str, dict, torch.Tensor]]:

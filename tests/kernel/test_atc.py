@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _rounds_reference import boruvka_rounds, rnn_rounds
 from conftest import same_partition
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
@@ -13,6 +12,8 @@ from scipy.spatial.distance import squareform
 import atc_patch
 from atc_patch.kernel.atc import Workspace, agglomerative_labels, agglomerative_labels_ws
 from atc_patch.kernel.distance import cosine_distance
+
+from ._rounds_reference import boruvka_rounds, rnn_rounds
 
 LINKAGES = ["single", "complete", "average"]
 

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 from conftest import same_partition
-from test_kernel_atc import scipy_cuts
-from test_kernel_tiles import tile_rs, tiles_of
 
 import atc_patch
 from atc_patch.kernel import max_reduction
+
+from .test_atc import scipy_cuts
+from .test_tiles import tile_rs, tiles_of
 
 METHODS = ["atc", "tome", "kmedoids", "dpcknn"]
 

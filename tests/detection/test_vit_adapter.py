@@ -24,7 +24,7 @@ from atc_patch.mmdet import CONFIGS, ViTAdapter, config_path  # noqa: E402
 
 register_all_modules(init_default_scope=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # ViT-Adapter-T (init_values > 0 so the injectors contribute).
 T_ARGS = dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, init_values=0.5)
 # A narrow, 4-block ViT-Adapter for the tests that do not need the paper's sizes.

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import same_partition
-from test_kernel_atc import scipy_cuts
 from tomesd.merge import bipartite_soft_matching_random2d
 
 import atc_patch
 from atc_patch.kernel import max_reduction
 from atc_patch.kernel.tiles import split_r, tile_grid
+
+from .test_atc import scipy_cuts
 
 LINKAGES = ["single", "complete", "average"]
 

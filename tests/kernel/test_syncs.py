@@ -18,7 +18,7 @@ from atc_patch.kernel.distance import cosine_distance
 
 
 def _costs():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_costs.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_costs.py"
     spec = importlib.util.spec_from_file_location("kernel_costs_script", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod

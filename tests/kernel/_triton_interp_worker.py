@@ -1,5 +1,5 @@
 """Run the fused Triton ATC path under Triton's interpreter and check it (a subprocess of
-tests/test_triton_kernel.py: ``TRITON_INTERPRET=1`` must be set before triton is imported).
+tests/kernel/test_triton.py: ``TRITON_INTERPRET=1`` must be set before triton is imported).
 
 Prints one JSON line: exactness failures against scipy (float64 metrics; whole rows, tiles
 and padding masks), the float32 agreement rate, property failures and the host
@@ -16,14 +16,15 @@ import sys
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel test package
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.cluster.hierarchy import cut_tree, linkage  # noqa: E402
 from scipy.spatial.distance import squareform  # noqa: E402
-from test_kernel_tiles import tile_rs, tiles_of  # noqa: E402
 
 import atc_patch  # noqa: E402
+from kernel.test_tiles import tile_rs, tiles_of  # noqa: E402
 
 LINKAGES = ("single", "complete", "average")
 
@@ -74,7 +75,7 @@ def check(metric: torch.Tensor, r: int, name: str, p: int, failures: list, exact
 
 
 def _costs():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_costs.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_costs.py"
     spec = importlib.util.spec_from_file_location("kernel_costs_script", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod

@@ -123,7 +123,7 @@ def test_sd_generate_reference_flags() -> None:
     import types
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "sd_generate.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "sd_generate.py"
     spec = importlib.util.spec_from_file_location("sd_generate_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -13,7 +13,7 @@ from scipy import linalg
 
 from atc_patch.train.fid import feature_statistics, fid_from_features, frechet_distance
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scipy_frechet(mu1, s1, mu2, s2) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT.parent / "shared" / "reference" / "ATC_official_README.md"
 
 # The README's commands, verbatim (checked against the README itself where it is at hand).

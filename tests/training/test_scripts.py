@@ -19,7 +19,7 @@ import torch
 
 from atc_patch.train import CHECKPOINT_KEYS, load_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(rel: str) -> types.ModuleType:
