@@ -29,8 +29,8 @@ pooling and MAE's fine-tuned weights from ``--checkpoint`` (default
 ``./pretrained_models/mae_finetuned_vit_{base,large,huge}.pth``, as the reference). Each ``r``
 is evaluated on ``<data>/val`` (ImageFolder) as the reference evaluates it (proportional
 attention except on MAE; ATC removes ``r - 1`` tokens per block, see
-``atc_patch.train.models.reference_r``; tests/pretrained/test_reference_golden.py checks these forwards
-against the official code); ``r=0`` is the unpatched model. Results go to
+``atc_patch.train.models.reference_r``; tests/pretrained/test_reference_golden.py checks these
+forwards against the official code); ``r=0`` is the unpatched model. Results go to
 ``<results-dir>/<r-sched>/<type>_<name>_<size>_<merge_fn>[_<linkage>].csv``
 (``;``-separated, the reference's columns plus images/s), with a tqdm bar.
 ``--no-pretrained`` builds random weights (offline smoke tests).
