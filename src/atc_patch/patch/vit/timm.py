@@ -77,8 +77,8 @@ def apply(root: nn.Module, config: ViTConfig) -> PatchInfo:
     slot = TraceSlot() if config.trace_source else None
     patch = ViTPatch(config, protected, "timm VisionTransformer", slot)
     patch.check(len(root.blocks), root.patch_embed.num_patches + protected)
-    override(root, "forward", _forward, patch)
-    override(root, "forward_features", _forward_features, patch)
+    override(root, "forward", _forward, patch, True)
+    override(root, "forward_features", _forward, patch, False)
     override(root, "forward_intermediates", _forward_intermediates, patch)
     override(root, "__prepare_scriptable__", refuse_script, patch)
     for blk in root.blocks:
@@ -112,40 +112,32 @@ def _check_blocks(model: nn.Module) -> None:
 def _forward(
     vit: nn.Module,
     patch: ViTPatch,
+    head: bool,
     x: Tensor,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
 ) -> Tensor:
-    """timm's forward; ``global_pool="avg"`` weighs each token by its size (the input patches
-    merged into it), as the ToMe and ATC MAE patches pool: the mean over the input patches.
-    (``forward_head`` called on ``forward_features`` cannot see the sizes.)"""
+    """timm's ``forward`` (``head=True``: logits) or ``forward_features`` (``(B, N', C)``
+    normed tokens, ``N'`` after reduction) of ``(B, 3, H, W)`` images.
+
+    With ``global_pool="avg"`` the head weighs each token by its size (the input patches merged
+    into it), as the ToMe and ATC MAE patches pool: the mean over the input patches
+    (``forward_head`` called on ``forward_features`` cannot see the sizes)."""
     weighted = vit.global_pool == "avg" and getattr(vit, "attn_pool", None) is None
-    if patch.is_passthrough or not weighted:
-        return original(vit, "forward")(x, attn_mask=attn_mask, is_causal=is_causal)
+    if patch.is_passthrough or (head and not weighted):
+        name = "forward" if head else "forward_features"
+        return original(vit, name)(x, attn_mask=attn_mask, is_causal=is_causal)
     check_traceable(patch, x)
     tokens, _ = _run_blocks(vit, patch, _embed(vit, x), attn_mask, is_causal)
     x = vit.norm(tokens.x)
+    if not head:
+        return x
     if tokens.size is None:
         return vit.forward_head(x)
     prefix = 0 if getattr(vit, "pool_include_prefix", False) else vit.num_prefix_tokens
     size = tokens.size[:, prefix:].to(x.dtype)
     x = (x[:, prefix:] * size).sum(dim=1) / size.sum(dim=1)
     return vit.head(vit.head_drop(vit.fc_norm(x)))
-
-
-def _forward_features(
-    vit: nn.Module,
-    patch: ViTPatch,
-    x: Tensor,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
-) -> Tensor:
-    """``(B, 3, H, W)`` images -> ``(B, N', C)`` normed tokens, ``N'`` after reduction."""
-    if patch.is_passthrough:
-        return original(vit, "forward_features")(x, attn_mask=attn_mask, is_causal=is_causal)
-    check_traceable(patch, x)
-    tokens, _ = _run_blocks(vit, patch, _embed(vit, x), attn_mask, is_causal)
-    return vit.norm(tokens.x)
 
 
 def _forward_intermediates(
