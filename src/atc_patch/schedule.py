@@ -1,39 +1,21 @@
-"""Reduction schedules shared by every model family.
+"""Reduction schedules of the ViT-like families: how many tokens block ``l`` removes.
 
-A schedule answers one question: how many tokens does block ``l`` remove, given the number of
-blocks and the number of (non-protected) patch tokens that enter the first block? Keeping it
-here means timm, torchvision, mmdet (and every other ViT-like family) read ``r``/``keep_rate``
-the same way.
+* ``r=int``, ``r_schedule="constant"``: ``r`` tokens in every block (ToMe).
+* ``r=int``, ``r_schedule="decrease"``: ToMe's ``parse_r(num_blocks, (r, -1.0))``, the ATC
+  off-the-shelf study's schedule: ``r_l = int(2r + l * (0 - 2r) / (L - 1))``.
+* ``r=[r_0, r_1, ...]``: one value per block (a shorter list is padded with zeros).
+* ``keep_rate=k``, ``reduction_loc=(i_0, i_1, ...)``: the ATC DeiT setting; the target after
+  the ``j``-th location is ``int(num_patches * k ** (j + 1))`` unprotected tokens.
 
-Three ways to state it:
+When a method cannot remove what a location asks (ToMe: at most half the unprotected tokens,
+:func:`atc_patch.kernel.max_reduction`), ``keep_rate_mode="target"`` (default) aims every
+later location at its own target and warns once per input size; ``"reference"`` removes the
+schedule's fixed differences, as the ATC reference code does. A family's forward asks
+:meth:`Schedule.steps` once per forward and turns each :class:`Step` into an ``r`` with
+:func:`step_r` from the tokens that actually enter the block::
 
-* ``r=int`` with ``r_schedule="constant"``: ``r`` tokens removed in every block (ToMe).
-* ``r=int`` with ``r_schedule="decrease"``: ToMe's ``parse_r(num_blocks, (r, -1.0))``, the
-  schedule of the ATC off-the-shelf study. It decreases linearly from ``2r`` in the first block
-  to ``0`` in the last: ``r_l = int(2r + l * (0 - 2r) / (L - 1))`` for ``l = 0 .. L-1`` (the
-  same total as the constant schedule, up to ``int`` truncation).
-* ``r=[r_0, r_1, ...]``: one value per block (a shorter list is padded with zeros, as ToMe does).
-* ``keep_rate=k`` with ``reduction_loc=(i_0, i_1, ...)``: the ATC DeiT setting. The *target*
-  after the ``j``-th reduction location is ``int(num_patches * k ** (j + 1))`` non-protected
-  tokens; all other blocks remove nothing.
-
-A method may not be able to remove what a block asks: ToMe removes at most half of the
-unprotected tokens in one step (see :func:`atc_patch.kernel.max_reduction`). What happens after
-such a capped block is ``keep_rate_mode``:
-
-* ``"target"`` (default): every location removes what is needed to reach its target from the
-  tokens actually left, as far as the method allows. A target that cannot be reached is
-  reported by a warning (once per model and input size).
-* ``"reference"``: every location removes the schedule's fixed difference between consecutive
-  targets, whatever the blocks before it managed; this is what the ATC reference code does
-  (its ToMe rows at ``keep_rate < 0.5`` keep more tokens than its ATC rows). Use it to
-  reproduce the paper's ToMe figures.
-
-For ``r`` schedules the ``r`` values are the definition: each block removes ``r_l`` (clamped).
-
-The schedule itself holds no token counts; a family's forward asks :meth:`Schedule.steps`
-once per forward for the per-block :class:`Step` and turns each into an ``r`` with
-:func:`step_r` from the tokens that actually enter the block.
+    s = make_schedule(keep_rate=0.7, reduction_loc=(3, 6, 9))
+    s.per_block(12, 196)   # [0, 0, 0, 59, 0, 0, 41, 0, 0, 29, 0, 0]
 """
 
 from __future__ import annotations

@@ -1,37 +1,17 @@
-"""Exact agglomerative token clustering, batched and on-device.
+"""Exact agglomerative token clustering, batched and on-device (the torch path of ATC).
 
-Single, complete and average linkage are *reducible*: if two clusters are each other's nearest
-neighbour, merging them never makes another pair closer than they were. Hence
+:func:`agglomerative_labels` gives, per sample, the partition of
+``scipy.cluster.hierarchy.linkage`` + ``cut_tree(n_clusters=M - r)`` for single, complete or
+average linkage (for distances without ties), computed in parallel rounds on the whole batch:
+reciprocal-nearest-neighbour rounds with in-place Lance-Williams updates (complete, average:
+:func:`_rnn_rounds`), Borůvka rounds (single: :func:`_boruvka_rounds`), until the ``r`` lowest
+merges are known; the cut keeps exactly those. One host read per round plus one (``stats``
+counts them); no numpy, no per-sample loop. Rows may differ in ``r`` (a ``(B,)`` tensor) and
+hold entries that are not tokens (``valid``), as tiled and masked calls need
+(:mod:`~atc_patch.kernel.tiles`). Why the rounds are exact: docs/kernel.md ("ATC: exact,
+batched, few rounds")::
 
-* every reciprocal-nearest-neighbour (RNN) pair can be merged in the same round without
-  changing the dendrogram (the idea behind RNN chains and parallel "RAC" clustering), and
-* the smallest distance among the remaining clusters never decreases, so no future merge can
-  be lower than it.
-
-:func:`agglomerative_labels` therefore runs rounds on the whole batch at once until, for every
-sample, at least ``r`` merges are recorded and the ``r``-th lowest recorded merge is no higher
-than the smallest remaining distance. The ``r`` lowest merges are then exactly the first ``r``
-merges of the sequential dendrogram (for distances without ties); they form a downward-closed
-set, so cutting there gives the partition of ``scipy.cluster.hierarchy.linkage`` +
-``cut_tree(n_clusters=M - r)``.
-
-* complete / average (:func:`_rnn_rounds`): the distance matrix is updated **in place** and
-  only where it changes. A round merges every RNN pair, rewrites the merged clusters' rows and
-  columns (Lance-Williams: ``max``, or the size-weighted mean of the two rows) and re-scans
-  only the rows whose nearest neighbour was merged: a row whose nearest neighbour survived
-  keeps it, at the same distance (reducibility).
-* single (:func:`_boruvka_rounds`): Borůvka rounds. Every cluster joins its nearest neighbour
-  (an edge of the minimum spanning tree, whose ``r`` lowest edges are the ``r`` lowest
-  single-linkage merges); rows are min-reduced by component and columns are never touched.
-
-Host synchronisations (``stats["syncs"]``): one per round plus one, each reading three numbers
-at once (is any sample unfinished, how many pairs merge, how many rows to re-scan: widths that
-are tensor shapes); the cut and the batch subsets add none. Rounds are few: 3-4 for 196
-tokens, 4-10 for 4096. No numpy, no per-sample loop.
-
-Rows may differ in ``r`` (a ``(B,)`` tensor) and hold entries that are not tokens (``valid``:
-their distances are ``inf``, so they never merge, and they get no slot): the rows of tiled
-and masked calls (:mod:`~atc_patch.kernel.tiles`).
+    labels = agglomerative_labels(dist, r=8, linkage="average")   # (B, M) in [0, M - 8)
 """
 
 from __future__ import annotations

@@ -1,35 +1,17 @@
 """The fused ATC path: one Triton program per row runs the whole agglomeration.
 
-A row is a sample's free tokens, or one tile of them (:mod:`~atc_patch.kernel.tiles`).
-Layout of one call (:func:`triton_atc_labels`), whatever ``L``:
+A row is a sample's free tokens or one tile of them (:mod:`~atc_patch.kernel.tiles`). A call
+(:func:`triton_atc_labels`) is about seven torch launches (unit-normalise, one ``bmm`` for
+``-cos``, an exactly symmetric ``(R, L, L)`` matrix) and one Triton launch with grid ``(R,)``:
+each program runs the sequential "merge the closest pair" algorithm on its row (nearest
+neighbours kept in registers, Lance-Williams updates, rescans of the rows whose neighbour
+merged), so its ``r`` merges are the first ``r`` of scipy's dendrogram. Labels are numbered in
+the order of each cluster's smallest token (``-1`` for entries that are not real tokens). No
+host synchronisation, a fixed number of launches, ``O(L^2 + r L)`` work per row. Under
+``TRITON_INTERPRET=1`` (set before triton is imported) it runs on CPU tensors, which is how CI
+checks it against scipy. Details: docs/kernel.md ("The fused GPU path (Triton)")::
 
-1. torch: unit-normalise the tokens (non-finite entries count as 0, no host check), one
-   ``bmm`` for ``-cos`` and one ``minimum(d, d^T)`` (an exactly symmetric ``(R, L, L)``
-   matrix in a fresh buffer); about seven launches.
-2. Triton, grid ``(R,)``: each program reads its row's ``r`` and which entries are real
-   tokens, and keeps, in registers, every cluster's nearest neighbour and its distance
-   (``nn``, ``dmin``), alive flags, sizes and each token's cluster. A merge
-
-   * picks the row with the smallest ``dmin`` (``i``) and its neighbour ``j``; the smaller of
-     the two absorbs the other, so a cluster lives at its smallest token;
-   * writes the Lance-Williams row of ``i ∪ j`` (``min`` / ``max`` / size-weighted mean) as row
-     and column ``i`` of the matrix (exactly symmetric), drops ``j``;
-   * rescans only the rows whose nearest neighbour was ``i`` or ``j``: for reducible linkages
-     a row whose nearest neighbour survived keeps it (its distance to ``i ∪ j`` is at least
-     ``min(d(k, i), d(k, j))``, which is at least its ``dmin``).
-
-   This is the sequential "merge the closest pair" algorithm itself, so the ``r`` merges it
-   runs are the first ``r`` merges of scipy's dendrogram (for distances without ties) and the
-   clusters left are ``cut_tree(n_clusters=M - r)``'s partition; no heights, no cut search.
-   Entries that are not real tokens start dead and never merge. Labels are numbered in the
-   order of each cluster's smallest token (``-1`` for entries that are not real tokens).
-
-No host synchronisation and a fixed number of launches per call; ``r`` is read from device
-memory. A merge is ``O(L)`` work (plus ``O(L)`` per rescanned row), so a call is
-``O(L^2 + r L)`` per row, spread over ``R`` programs.
-
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernel runs on CPU
-tensors; that is how CI checks it against scipy.
+    labels = triton_atc_labels(x, valid, r, "average")   # x (R, L, C) -> (R, L)
 """
 
 from __future__ import annotations
