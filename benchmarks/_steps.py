@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from _rope_vits import ROPE_VITS, build_rope_vit, rope_vit_inputs
 
 import atc_patch
 
@@ -91,7 +92,7 @@ class Setup:
         (1/8), SDXL's first attention level (1/16), Flux's packed latents (1/16), DeiT's
         16-pixel patches plus the class token (the RoPE / NaFlex ViTs: :data:`ROPE_VITS`)."""
         if self.model in ROPE_VITS:
-            return ROPE_VITS[self.model].tokens(self)
+            return ROPE_VITS[self.model].tokens(self.resolution, self.tiny)
         side = self.resolution // (8 if self.model == "sd15" else 16)
         return side * side + (self.family == "vit")
 
@@ -160,7 +161,7 @@ VIT_ROWS: tuple[Row, ...] = (
 
 def rows_for(setup: Setup) -> tuple[Row, ...]:
     if setup.model in ROPE_VITS:
-        return ROPE_VITS[setup.model].rows(*((2, 16) if setup.tiny else ()))
+        return _rope_vit_rows(setup)
     return VIT_ROWS if setup.family == "vit" else DIFFUSION_ROWS
 
 
@@ -204,7 +205,8 @@ def flux_config() -> dict[str, Any]:
 def build_model(setup: Setup, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The random-init model of ``setup`` on ``device`` (``"meta"``: shapes only), eval mode."""
     if setup.model in ROPE_VITS:
-        return build_rope_vit(setup.model, device, dtype, tiny=setup.tiny)
+        with _construction(device, dtype):
+            return build_rope_vit(setup.model, tiny=setup.tiny)
     with torch.random.fork_rng(devices=[]), _construction(device, dtype):
         torch.manual_seed(0)
         if setup.family == "unet":
@@ -341,142 +343,14 @@ def counted_cluster_calls() -> Iterator[list[int]]:
 
 
 # --------------------------------------------------------------------------------------------
-# RoPE and NaFlex ViTs (issue 22): the classes it added, at real size (also vit_speed.py)
+# RoPE and NaFlex ViTs (issue 22): the classes it added, at real size (_rope_vits.py)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RopeViT:
-    """One RoPE / NaFlex ViT at its published configuration (random init).
-
-    Attributes:
-        title: for the setup's name.
-        library: ``"timm"`` (``source`` a model name) or ``"transformers"`` (``source`` the
-            model class, ``config_class`` its config class, ``config`` the arguments).
-        resolution: image side in pixels (NaFlex: the image filling all ``slots``).
-        patch, prefix: patch size and prefix tokens (class, registers).
-        depth: the published number of blocks.
-        slots: NaFlex batches: the padded length (every other image fills 3/4 of it).
-    """
-
-    title: str
-    library: str
-    source: str
-    config: Mapping[str, Any]
-    resolution: int
-    patch: int
-    prefix: int
-    depth: int
-    config_class: str = ""
-    slots: int = 0
-
-    def tokens(self, setup: Setup) -> int:
-        side = setup.resolution // self.patch
-        return self.slots if self.slots and not setup.tiny else side * side + self.prefix
-
-    def rows(self, depth: int | None = None, patches: int | None = None) -> tuple[Row, ...]:
-        """Unpatched; the ATC paper's DeiT setting scaled to ``depth`` blocks (default: all;
-        ``keep_rate=0.7`` at a quarter, half and three quarters of them) and ToMe's constant
-        ``r`` (1/32 of the ``patches`` per block; ``depth`` blocks remove as many as all the
-        model's blocks would); ToMe and ATC (fused path on a GPU, and the torch rounds)."""
-        depth = depth or self.depth
-        patches = patches or (self.resolution // self.patch) ** 2
-        locs = tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
-        keep = {"keep_rate": 0.7, "reduction_loc": locs}
-        r = max(1, patches * self.depth // (32 * depth))
-        return (
-            Row("unpatched"),
-            Row("tome keep 0.7", "tome", keep),
-            Row("atc keep 0.7", "atc", keep),
-            Row("atc keep 0.7 torch", "atc", {**keep, "backend": "torch"}),
-            Row(f"tome r={r}", "tome", {"r": r}),
-            Row(f"atc r={r}", "atc", {"r": r}),
-        )
-
-
-ROPE_VITS: dict[str, RopeViT] = {
-    "eva_dinov3_l": RopeViT(
-        "timm Eva DINOv3-L/16", "timm", "vit_large_patch16_dinov3", {}, 512, 16, 5, 24
-    ),
-    "naflex_so400m": RopeViT(
-        "timm NaFlexVit SigLIP2-so400m", "timm", "naflexvit_so400m_patch16_siglip", {}, 256, 16,
-        0, 27,
-    ),
-    "hf_dinov3_l": RopeViT(
-        "HF DINOv3ViT-L/16", "transformers", "DINOv3ViTModel",
-        dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-             num_register_tokens=4, patch_size=16, image_size=512),
-        512, 16, 5, 24, config_class="DINOv3ViTConfig",
-    ),
-    "hf_siglip2_so400m": RopeViT(
-        "HF SigLIP2-so400m NaFlex", "transformers", "Siglip2VisionModel",
-        dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=16,
-             num_patches=256),
-        256, 16, 0, 27, config_class="Siglip2VisionConfig", slots=256,
-    ),
-    "hf_aimv2_l": RopeViT(
-        "HF AIMv2-L/14", "transformers", "Aimv2VisionModel",
-        dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, patch_size=14,
-             image_size=448),
-        448, 14, 0, 24, config_class="Aimv2VisionConfig",
-    ),
-}  # fmt: skip
 NAMES.update({k: v.title for k, v in ROPE_VITS.items()})
 FAMILIES.update(dict.fromkeys(ROPE_VITS, "vit"))
 SETUPS = SETUPS + tuple(Setup(m, v.resolution, 32) for m, v in ROPE_VITS.items())
 TINY_SETUPS = TINY_SETUPS + tuple(Setup(m, 64, 2, tiny=True) for m in ROPE_VITS)
-TINY_WIDTH = {"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
 
 
-def build_rope_vit(
-    name: str,
-    device: str | torch.device,
-    dtype: torch.dtype,
-    depth: int | None = None,
-    tiny: bool = False,
-) -> torch.nn.Module:
-    """The random-init :data:`ROPE_VITS` model ``name`` on ``device``, eval mode: its published
-    configuration with ``depth`` blocks (default: all), or a narrow one of 2 blocks (``tiny``)."""
-    spec = ROPE_VITS[name]
-    depth = 2 if tiny else depth or spec.depth
-    with torch.random.fork_rng(devices=[]), _construction(device, dtype):
-        torch.manual_seed(0)
-        if spec.library == "timm":
-            import timm
-
-            kw = {"embed_dim": 64, "num_heads": 2} if tiny else {}
-            size = {} if "naflex" in spec.source else {"img_size": 64 if tiny else spec.resolution}
-            model = timm.create_model(spec.source, pretrained=False, depth=depth, **kw, **size)
-        else:
-            import transformers
-
-            config = dict(spec.config, num_hidden_layers=depth)
-            if tiny:
-                config.update(TINY_WIDTH, image_size=64, num_patches=16)
-            config = getattr(transformers, spec.config_class)(**config)
-            model = getattr(transformers, spec.source)._from_config(
-                config, attn_implementation="sdpa"
-            )
-    return model.eval()
-
-
-def rope_vit_inputs(
-    name: str, model: torch.nn.Module, batch: int, device: str | torch.device, tiny: bool = False
-) -> dict:
-    """Keyword inputs of one call (``x`` for timm, ``pixel_values`` & co. for transformers):
-    images at the setup's resolution; SigLIP2's NaFlex batch as its processor makes it, every
-    other image filling 3/4 of the slots (the rest padding)."""
-    spec = ROPE_VITS[name]
-    dtype = next(model.parameters()).dtype
-    side = 64 if tiny else spec.resolution
-    if spec.source != "Siglip2VisionModel":
-        images = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
-        return {"x" if spec.library == "timm" else "pixel_values": images}
-    p, slots = model.config.patch_size, model.config.num_patches
-    grid = int(slots**0.5)
-    shapes = torch.tensor([[grid, grid * (4 - i % 2) // 4] for i in range(batch)])
-    mask = torch.arange(slots)[None] < shapes.prod(-1)[:, None]
-    values = torch.randn(batch, slots, 3 * p * p, dtype=dtype) * mask[..., None]
-    return {
-        "pixel_values": values.to(device),
-        "pixel_attention_mask": mask.long(),
-        "spatial_shapes": shapes,
-    }
+def _rope_vit_rows(setup: Setup) -> tuple[Row, ...]:
+    spec = ROPE_VITS[setup.model]
+    return tuple(Row(*row) for row in spec.rows(*((2, 16) if setup.tiny else ())))

@@ -1,11 +1,11 @@
 """CPU throughput of the RoPE and NaFlex ViTs: unpatched vs ToMe vs ATC, side by side in one run.
 
-Every model of ``_steps.ROPE_VITS`` (timm ``Eva`` DINOv3-L/16 at 512², timm ``NaFlexVit``
+Every model of ``_rope_vits.ROPE_VITS`` (timm ``Eva`` DINOv3-L/16 at 512², timm ``NaFlexVit``
 SigLIP2-so400m on a NaFlex batch of 256 slots, transformers ``DINOv3ViTModel`` at 512²,
 ``Siglip2VisionModel`` on 256 slots, ``Aimv2VisionModel`` L/14 at 448²) is built at its real
 width with ``--depth`` of its blocks (random init, float32). The NaFlex batches alternate an
 image filling the 256 slots and one filling 3/4 of them (the rest padding). Configurations:
-the rows of ``_steps.RopeViT.rows`` for ``--depth`` blocks (``keep_rate=0.7`` at a quarter, half
+the rows of ``_rope_vits.RopeViT.rows`` for ``--depth`` blocks (``keep_rate=0.7`` at a quarter, half
 and three quarters of the blocks; ToMe's constant ``r``, scaled so that the reduced model ends
 with the token count of the full one), ToMe and ATC (average linkage). One process times them
 round-robin, every round in a shuffled order; images/s over the kept rounds, and the speed-up
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _steps import ROPE_VITS, build_rope_vit, rope_vit_inputs
+from _rope_vits import ROPE_VITS, build_rope_vit, rope_vit_inputs
 from throughput import ratio_spread
 from tqdm import tqdm
 
@@ -86,16 +86,16 @@ def final_tokens(model: torch.nn.Module, inputs: dict[str, Any]) -> int:
 
 def configs(name: str, a: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, dict]]:
     """``{label: (model, options)}``: the unpatched model and patched copies of it."""
-    base = build_rope_vit(name, "cpu", torch.float32, depth=a.depth, tiny=a.tiny)
+    base = build_rope_vit(name, depth=a.depth, tiny=a.tiny)
     rows = ROPE_VITS[name].rows(*((2, 16) if a.tiny else (a.depth,)))
     out = {}
-    for row in rows:
-        if "backend" in row.options:  # on the CPU "auto" is the torch path already
+    for label, method, options in rows:
+        if "backend" in options:  # on the CPU "auto" is the torch path already
             continue
-        model = base if row.method is None else copy.deepcopy(base)
-        if row.method is not None:
-            atc_patch.apply_patch(model, row.method, **row.options)
-        out[row.label] = (model, dict(row.options, method=row.method or ""))
+        model = base if method is None else copy.deepcopy(base)
+        if method is not None:
+            atc_patch.apply_patch(model, method, **options)
+        out[label] = (model, dict(options, method=method or ""))
     return out
 
 
