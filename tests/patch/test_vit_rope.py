@@ -276,3 +276,26 @@ def test_fullgraph_compile_with_mixed_tables_and_attention_pooling():
         x = images()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def _trained(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(x).logsumexp(-1).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("key", ["dinov3", "rope_mixed", "pe_core"])
+def test_training_with_checkpointing_and_bf16(key):
+    model = make(key).train()
+    x = images()
+    trained = _trained(model, x)
+    atc_patch.apply_patch(model, "atc", r=3)
+    grads = _trained(model, x)
+    assert grads.keys() == trained.keys()  # every parameter the unpatched model trains
+    model.set_grad_checkpointing(True)
+    for name, grad in _trained(model, x).items():
+        torch.testing.assert_close(grad, grads[name], msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bias in the autocast dtype
+        loss = model(x).float().logsumexp(-1).sum()
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -110,9 +110,7 @@ def remove(root: nn.Module) -> None:
 
 def patch_model(vit: nn.Module, patch: ViTPatch) -> None:
     """The ``VisionTransformer`` entry: checks, then the model's and its blocks' overrides."""
-    from timm.layers import Attention
-
-    blocks = {"timm.models.vision_transformer.Block": (_patch_block, (Attention,))}
+    blocks = vit_blocks()
     check_blocks(vit, blocks)
     patch.check(len(vit.blocks), vit.patch_embed.num_patches + patch.protected)
     override(vit, "forward", _forward, patch)
@@ -123,6 +121,13 @@ def patch_model(vit: nn.Module, patch: ViTPatch) -> None:
 
 
 BlockTable = dict[str, tuple[Callable[..., None], tuple[type, ...]]]
+
+
+def vit_blocks() -> BlockTable:
+    """The block table of ``VisionTransformer``: ``Block`` with ``Attention``."""
+    from timm.layers import Attention
+
+    return {"timm.models.vision_transformer.Block": (patch_vit_block, (Attention,))}
 
 
 def check_blocks(model: nn.Module, table: BlockTable) -> None:
@@ -148,7 +153,7 @@ def patch_blocks(model: nn.Module, patch: ViTPatch, table: BlockTable, *bound: A
         table[f"{type(blk).__module__}.{type(blk).__name__}"][0](blk, patch, *bound)
 
 
-def _patch_block(blk: nn.Module, patch: ViTPatch, *_: Any) -> None:
+def patch_vit_block(blk: nn.Module, patch: ViTPatch, *_: Any) -> None:
     override(blk, "forward", _block_forward, patch)
     override(blk.attn, "forward", _attention_forward)
 

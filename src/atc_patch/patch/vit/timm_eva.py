@@ -38,6 +38,7 @@ from . import (
     size_bias,
 )
 from .timm import (
+    BlockTable,
     check_blocks,
     check_format,
     forward_head,
@@ -48,8 +49,9 @@ from .timm import (
 )
 
 
-def eva_blocks() -> dict[str, Any]:
-    """The block table (:data:`~.timm.BlockTable`) of the Eva blocks."""
+def eva_blocks() -> BlockTable:
+    """The block table of the Eva blocks: ``EvaBlock`` and ``EvaBlockPostNorm`` with
+    ``EvaAttention`` or ``AttentionRope``."""
     from timm.layers import AttentionRope
     from timm.models.eva import EvaAttention
 

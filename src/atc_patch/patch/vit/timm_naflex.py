@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from .._override import original, override
 from . import Tokens, ViTPatch, check_traceable, key_padding, refuse_script
 from .timm import (
-    _patch_block,
     check_blocks,
     check_format,
     forward_head,
@@ -34,15 +33,14 @@ from .timm import (
     patch_blocks,
     run_blocks,
     take_indices,
+    vit_blocks,
 )
 from .timm_eva import eva_blocks
 
 
 def patch_model(vit: nn.Module, patch: ViTPatch) -> None:
     """The ``NaFlexVit`` entry: checks, then the model's and its blocks' overrides."""
-    from timm.layers import Attention
-
-    table = {"timm.models.vision_transformer.Block": (_patch_block, (Attention,)), **eva_blocks()}
+    table = {**vit_blocks(), **eva_blocks()}
     check_blocks(vit, table)
     patch.check(len(vit.blocks), _num_patches(vit) + patch.protected)
     override(vit, "forward", _forward, patch)
