@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from _rope_vits import ROPE_VITS, build_rope_vit, rope_vit_inputs
 
 import atc_patch
 
@@ -89,7 +90,9 @@ class Setup:
     def tokens(self) -> int:
         """Image tokens of one sample where the patches cluster by default: SD-1.5's latent grid
         (1/8), SDXL's first attention level (1/16), Flux's packed latents (1/16), DeiT's
-        16-pixel patches plus the class token."""
+        16-pixel patches plus the class token (the RoPE / NaFlex ViTs: :data:`ROPE_VITS`)."""
+        if self.model in ROPE_VITS:
+            return ROPE_VITS[self.model].tokens(self.resolution, self.tiny)
         side = self.resolution // (8 if self.model == "sd15" else 16)
         return side * side + (self.family == "vit")
 
@@ -157,6 +160,8 @@ VIT_ROWS: tuple[Row, ...] = (
 
 
 def rows_for(setup: Setup) -> tuple[Row, ...]:
+    if setup.model in ROPE_VITS:
+        return _rope_vit_rows(setup)
     return VIT_ROWS if setup.family == "vit" else DIFFUSION_ROWS
 
 
@@ -199,6 +204,9 @@ def flux_config() -> dict[str, Any]:
 
 def build_model(setup: Setup, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The random-init model of ``setup`` on ``device`` (``"meta"``: shapes only), eval mode."""
+    if setup.model in ROPE_VITS:
+        with _construction(device, dtype):
+            return build_rope_vit(setup.model, tiny=setup.tiny)
     with torch.random.fork_rng(devices=[]), _construction(device, dtype):
         torch.manual_seed(0)
         if setup.family == "unet":
@@ -230,6 +238,8 @@ def model_inputs(model: torch.nn.Module, setup: Setup, device: str | torch.devic
     tokens with guidance (8 for tiny models), DeiT images. Small tensors are made on the CPU
     (their values matter: timesteps, position ids; move them with :func:`move`), images on
     ``device`` directly."""
+    if setup.model in ROPE_VITS:
+        return rope_vit_inputs(setup.model, model, setup.batch, device, setup.tiny)
     if setup.family == "unet":
         from atc_patch.testing import unet_inputs
 
@@ -330,3 +340,17 @@ def counted_cluster_calls() -> Iterator[list[int]]:
 
     with wrapped_cluster_tokens(count):
         yield n
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE and NaFlex ViTs (issue 22): the classes it added, at real size (_rope_vits.py)
+# --------------------------------------------------------------------------------------------
+NAMES.update({k: v.title for k, v in ROPE_VITS.items()})
+FAMILIES.update(dict.fromkeys(ROPE_VITS, "vit"))
+SETUPS = SETUPS + tuple(Setup(m, v.resolution, 32) for m, v in ROPE_VITS.items())
+TINY_SETUPS = TINY_SETUPS + tuple(Setup(m, 64, 2, tiny=True) for m in ROPE_VITS)
+
+
+def _rope_vit_rows(setup: Setup) -> tuple[Row, ...]:
+    spec = ROPE_VITS[setup.model]
+    return tuple(Row(*row) for row in spec.rows(*((2, 16) if setup.tiny else ())))

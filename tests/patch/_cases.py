@@ -97,6 +97,109 @@ def _hf_task(vit: torch.nn.Module) -> Any:
     return task
 
 
+# --- RoPE and NaFlex ViTs -------------------------------------------------------------------------
+
+
+def _timm_tiny(name: str, **kw: Any) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(
+            name, pretrained=False, depth=3, embed_dim=32, num_heads=2, num_classes=10, **kw
+        ).eval()
+
+    return build
+
+
+def naflex_batch(
+    sizes: tuple[tuple[int, int], ...] = ((32, 24), (16, 32)),
+    patch: int = 8,
+    length: int = 16,
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """A NaFlex batch as timm's loader makes it (``Patchify`` + ``NaFlexCollator``): one random
+    image per ``(height, width)``, padded to ``length`` patches."""
+    from timm.data.naflex_dataset import NaFlexCollator
+    from timm.data.naflex_transforms import Patchify
+
+    gen = torch.Generator().manual_seed(1)
+    patchify = Patchify(patch)
+    samples = [(patchify(torch.randn(3, h, w, generator=gen)), 0) for h, w in sizes]
+    batch, _ = NaFlexCollator(max_seq_len=length)(samples)
+    keys = ("patches", "patch_coord", "patch_valid")
+    return {k: batch[k].to(device) for k in keys}
+
+
+def siglip2_batch(
+    sizes: tuple[tuple[int, int], ...] = ((4, 3), (2, 4)),
+    patch: int = 8,
+    length: int = 16,
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """What ``Siglip2ImageProcessor`` gives: ``pixel_values (B, L, P*P*3)`` patches then zero
+    padding, ``pixel_attention_mask (B, L)``, ``spatial_shapes (B, 2)`` (patch grid per image)."""
+    gen = torch.Generator().manual_seed(1)
+    values = torch.zeros(len(sizes), length, patch * patch * 3)
+    mask = torch.zeros(len(sizes), length, dtype=torch.long)
+    for i, (h, w) in enumerate(sizes):
+        values[i, : h * w] = torch.randn(h * w, patch * patch * 3, generator=gen)
+        mask[i, : h * w] = 1
+    inputs = {"pixel_values": values, "pixel_attention_mask": mask}
+    return to_device({**inputs, "spatial_shapes": torch.tensor(sizes)}, device)
+
+
+_HF_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+
+
+def _hf_dinov3() -> torch.nn.Module:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    cfg = DINOv3ViTConfig(**_HF_TINY, image_size=32, patch_size=8, num_register_tokens=4)
+    torch.manual_seed(0)
+    return DINOv3ViTModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _hf_siglip2() -> torch.nn.Module:
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    cfg = Siglip2VisionConfig(**_HF_TINY, num_patches=16, patch_size=8)
+    torch.manual_seed(0)
+    return Siglip2VisionModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _hf_aimv2() -> torch.nn.Module:
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    cfg = Aimv2VisionConfig(**_HF_TINY, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    return Aimv2VisionModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _hf_pair(kind: str) -> Callable[[torch.nn.Module], Any]:
+    """The two-tower model (``Siglip2Model``, ``Aimv2Model``) holding a vision model."""
+
+    def holder(vision: torch.nn.Module) -> Any:
+        import transformers
+
+        text = dict(_HF_TINY, num_hidden_layers=1)
+        config = getattr(transformers, f"{kind}Config")(
+            text_config=text, vision_config=vision.config.to_dict()
+        )
+        pair = getattr(transformers, f"{kind}Model")(config).eval()
+        pair.vision_model = vision
+        return pair
+
+    return holder
+
+
+def _run_hf(model: torch.nn.Module, device: str = "cpu", **inputs: Any) -> torch.Tensor:
+    """The tokens and the pooled output, side by side."""
+    out = model(**to_device(inputs, device))
+    pooled = [] if out.pooler_output is None else [out.pooler_output]
+    return torch.cat([out.last_hidden_state.flatten(1), *pooled], dim=1)
+
+
 def _unet() -> torch.nn.Module:
     from atc_patch.testing import build_unet
 
@@ -188,6 +291,50 @@ CASES = [
         holder=_hf_task,
         **_VIT,
     ),  # fmt: skip
+    Case(
+        "timm-eva-dinov3",
+        "timm",
+        _timm_tiny("vit_base_patch16_dinov3", img_size=32, patch_size=8),
+        lambda m, d="cpu": m(_images(device=d)),
+        holder=_timm_features,
+        **_VIT,
+    ),
+    Case(
+        "timm-naflex",
+        "timm",
+        _timm_tiny("naflexvit_base_patch16_siglip", patch_size=8),
+        lambda m, d="cpu": m(naflex_batch(device=d)),
+        holder=_timm_features,
+        model_cannot={
+            "compile": "timm's NaFlex embedding and rotary tables are torch.compiler.disable()d",
+            "meta": "timm's NaFlex grid sizes are read on the host (.item())",
+        },
+        **_VIT,
+    ),
+    Case(
+        "transformers-dinov3",
+        "transformers",
+        _hf_dinov3,
+        lambda m, d="cpu": _run_hf(m, d, pixel_values=_images()),
+        **_VIT,
+    ),
+    Case(
+        "transformers-siglip2",
+        "transformers",
+        _hf_siglip2,
+        lambda m, d="cpu": _run_hf(m, d, **siglip2_batch()),
+        holder=_hf_pair("Siglip2"),
+        model_cannot={"meta": "Siglip2's position resizing checks its sizes on the host"},
+        **_VIT,
+    ),
+    Case(
+        "transformers-aimv2",
+        "transformers",
+        _hf_aimv2,
+        lambda m, d="cpu": _run_hf(m, d, pixel_values=_images()),
+        holder=_hf_pair("Aimv2"),
+        **_VIT,
+    ),
     Case(
         "unet",
         "unet",

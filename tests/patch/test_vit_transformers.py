@@ -43,6 +43,10 @@ def _config(name: str, layers: int, img: int):
         return T.CLIPConfig(text_config={**text, "num_hidden_layers": 1}, vision_config=kw)
     if name == "siglip":
         return T.SiglipVisionConfig(**kw)
+    if name == "dinov3":  # no random rescaling of the rotary positions in training
+        return T.DINOv3ViTConfig(**kw, num_register_tokens=4, pos_embed_rescale=None)
+    if name == "aimv2":
+        return T.Aimv2VisionConfig(**kw)
     raise KeyError(name)
 
 
@@ -56,6 +60,8 @@ CLASSES = {
     "clip_vision": T.CLIPVisionModel,
     "clip": T.CLIPModel,
     "siglip": T.SiglipVisionModel,
+    "dinov3": T.DINOv3ViTModel,
+    "aimv2": T.Aimv2VisionModel,
 }
 PROTECTED = {
     "vit": 1,
@@ -64,6 +70,8 @@ PROTECTED = {
     "dinov2_reg": 5,
     "clip_vision": 1,
     "siglip": 0,
+    "dinov3": 5,
+    "aimv2": 0,
 }
 IMPLS = ["eager", "sdpa"]
 
@@ -412,7 +420,9 @@ def _grads(model, x):
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-@pytest.mark.parametrize("name", ["vit_cls", "deit_teacher", "dinov2_reg", "clip_vision", "siglip"])
+@pytest.mark.parametrize(
+    "name", ["vit_cls", "deit_teacher", "dinov2_reg", "clip_vision", "siglip", "dinov3", "aimv2"]
+)
 @pytest.mark.parametrize("method", ["atc", "tome"])
 def test_gradients_reach_every_trained_parameter(name, method):
     model = make(name, "eager").train()
@@ -425,7 +435,7 @@ def test_gradients_reach_every_trained_parameter(name, method):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ["vit_cls", "dinov2", "siglip"])
+@pytest.mark.parametrize("name", ["vit_cls", "dinov2", "siglip", "dinov3", "aimv2"])
 def test_bf16_autocast_training_step(name, impl):
     model = make(name, impl).train()
     atc_patch.apply_patch(model, method="atc", r=4)
@@ -438,9 +448,10 @@ def test_bf16_autocast_training_step(name, impl):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["dinov2", "dinov3"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_matches(reentrant):
-    model = make("dinov2").train()
+def test_gradient_checkpointing_matches(name, reentrant):
+    model = make(name).train()
     atc_patch.apply_patch(model, method="atc", r=4)
     x = images()
     out = model(x).last_hidden_state

@@ -45,13 +45,15 @@ FAMILIES: dict[str, str] = {
 
 SUPPORTED = (
     "timm VisionTransformer (and subclasses: DeiT, distilled DeiT, MAE-style, registers), "
+    "timm Eva (EVA-02, DINOv3, PE, RoPE-ViT), timm NaFlexVit, "
     "torchvision VisionTransformer, diffusers UNet2DConditionModel or a pipeline holding one "
     "(SD 1.x/2.x/XL), diffusers FluxTransformer2DModel, SD3Transformer2DModel, "
     "PixArtTransformer2DModel, DiTTransformer2DModel or a pipeline holding one, "
     "atc_patch.mmdet ViTAdapter or a detector holding one, "
     "transformers ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, CLIPVisionModel, "
-    "SiglipVisionModel and their task models (...ForImageClassification, "
-    "DeiTForImageClassificationWithTeacher, CLIPModel, CLIPVisionModelWithProjection, SiglipModel)"
+    "SiglipVisionModel, DINOv3ViTModel, Siglip2VisionModel, Aimv2VisionModel and their task "
+    "models (...ForImageClassification, DeiTForImageClassificationWithTeacher, CLIPModel, "
+    "CLIPVisionModelWithProjection, SiglipModel, Siglip2Model, Aimv2Model)"
 )
 
 RECORD_ATTR = "_atc_patch"

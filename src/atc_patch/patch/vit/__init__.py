@@ -6,7 +6,7 @@ forward runs the blocks and passes the per-forward token state from block to blo
 nothing about one forward is stored where another forward could see it::
 
     steps = patch.block_steps(len(blocks), x.shape[1])     # this forward's schedule
-    tokens = Tokens(x, attn_mask=mask, valid=key_padding(mask, x.shape[0]))
+    tokens = Tokens(x, attn_mask=mask, valid=key_padding(mask, x.shape[0]), pos=rope)
     for blk, step in zip(blocks, steps):
         r = patch.r_for(step, tokens.x.shape[1])           # from the tokens actually left
         tokens = blk(tokens.x, ..., r=r, size=tokens.size, ...)  # a Tokens again
@@ -14,9 +14,10 @@ nothing about one forward is stored where another forward could see it::
 Inside a block, between attention and MLP (as in ToMe), :func:`merge_step` asks the kernel
 for a plan from the attention keys averaged over heads (:meth:`ViTPatch.plan`, the one call
 into the kernel) and applies it to the hidden states, token sizes, source map, the caller's
-attention mask, its key-padding mask and the map from the input grid to the current tokens.
-The source map of the last forward (``trace_source=True``) is kept per thread in the patch
-record, see :func:`last_source`.
+attention mask, its key-padding mask, the map from the input grid to the current tokens and
+the position terms (rotary tables: each cluster gets the size-weighted mean of its members'
+rows, see :func:`merge_positions`). The source map of the last forward (``trace_source=True``)
+is kept per thread in the patch record, see :func:`last_source`.
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ class Tokens(NamedTuple):
             into; only tracked when the caller starts it (``forward_intermediates``).
         valid: ``(B, N)`` bool, ``False`` for padding tokens (keys masked for every query);
             ``None`` without an attention mask.
+        pos: position terms of the ``N - protected`` unprotected tokens, merged along with
+            them: a tensor or a tuple of tensors ``(M, D)``, ``(K, M, D)`` or ``(B|1, K, M, D)``
+            with ``M = N - protected`` (rotary tables: timm's ``(M, 2 * head_dim)`` sin/cos
+            rows, DINOv3's ``(cos, sin)``); after a merge each is ``(B, K, M', D)``.
     """
 
     x: Tensor
@@ -165,6 +170,7 @@ class Tokens(NamedTuple):
     attn_mask: Any = None
     grid: Tensor | None = None
     valid: Tensor | None = None
+    pos: Any = None
 
 
 def merge_step(patch: ViTPatch, metric: Tensor, r: int, tokens: Tokens) -> Tokens:
@@ -188,14 +194,59 @@ def merge_step(patch: ViTPatch, metric: Tensor, r: int, tokens: Tokens) -> Token
         return tokens
     source = plan.merge_source(tokens.source) if patch.tracks_source else None
     reset = patch.config.size_mode == "reset"
-    x, size = plan.merge_wavg(tokens.x, None if reset else tokens.size)
+    weights = None if reset else tokens.size
+    x, size = plan.merge_wavg(tokens.x, weights)
     size = None if reset else size
     mask = None if tokens.attn_mask is None else merge_attn_mask(tokens.attn_mask, plan)
     grid = None if tokens.grid is None else plan.labels.gather(1, tokens.grid)
     valid = tokens.valid
     if valid is not None:
         valid = plan.merge(valid[..., None].to(x.dtype), mode="amax")[..., 0] > 0
-    return Tokens(x, size, source, mask, grid, valid)
+    pos = None
+    if tokens.pos is not None:
+        pos = merge_positions(plan, tokens.pos, weights, patch.protected)
+    return Tokens(x, size, source, mask, grid, valid, pos)
+
+
+def merge_positions(
+    plan: MergePlan, pos: Tensor | tuple[Tensor, ...], size: Tensor | None, protected: int
+) -> Tensor | tuple[Tensor, ...]:
+    """Position terms of the unprotected tokens (:attr:`Tokens.pos`) after ``plan``.
+
+    Every cluster gets the ``size``-weighted mean of its members' rows (the mean over the input
+    tokens behind it), the rows of the protected tokens stay out. For members with the same
+    content this is exact where a rotation is applied to a key: ``mean_i(R_i) k =
+    mean_i(R_i k)``.
+
+    Args:
+        plan: the plan of ``N`` tokens, the first ``protected`` of them protected.
+        pos: a tensor or a tuple of tensors ``(M, D)``, ``(K, M, D)`` or ``(B|1, K, M, D)``,
+            ``M = N - protected``.
+        size: ``(B, N, 1)`` token sizes (``None``: all 1).
+
+    Returns:
+        The same structure, each tensor ``(B, K, M', D)`` with ``M' = num_out - protected``.
+    """
+    tables = pos if isinstance(pos, tuple) else (pos,)
+    if not tables:
+        return pos
+    b = plan.labels.shape[0]
+    flat, shapes = [], []
+    for t in tables:
+        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)).expand(b, -1, -1, -1)
+        _, k, m, d = t4.shape
+        flat.append(t4.transpose(1, 2).reshape(b, m, k * d))
+        shapes.append((k, d, t.dtype))
+    work = torch.cat(flat, dim=-1) if len(flat) > 1 else flat[0]
+    if protected:  # rows for the protected tokens, which keep their own slots
+        work = torch.cat([work.new_zeros(b, protected, work.shape[-1]), work], dim=1)
+    merged = plan.merge_wavg(work, size)[0][:, protected:]
+    out, start = [], 0
+    for k, d, dtype in shapes:
+        part = merged[..., start : start + k * d]
+        out.append(part.reshape(b, -1, k, d).transpose(1, 2).to(dtype))
+        start += k * d
+    return tuple(out) if isinstance(pos, tuple) else out[0]
 
 
 def key_padding(mask: Any, batch: int) -> Tensor | None:
@@ -277,6 +328,15 @@ def size_bias(size: Tensor | None, enabled: bool) -> Tensor | None:
     return size.log()[:, None, None, :, 0]
 
 
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention on ``x`` runs in: the autocast dtype when autocast is on, else
+    ``x.dtype`` (an additive mask must match it)."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device):  # e.g. meta
+        return x.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def combine_masks(attn_mask: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Any:
     """Add the proportional-attention ``bias`` to the caller's ``attn_mask``.
 
@@ -294,23 +354,29 @@ def combine_masks(attn_mask: Tensor | None, bias: Tensor | None, dtype: torch.dt
 
 
 def merge_attn_mask(mask: Tensor, plan: MergePlan) -> Tensor:
-    """Carry an attention mask ``(N, N)`` or ``(B|1, H|1, N, N)`` through ``plan``.
+    """Carry an attention mask ``(N, N)``, ``(B|1, H|1, N, N)`` or a key mask
+    ``(B|1, H|1, 1, N)`` through ``plan``.
 
     A merged query may attend to a merged key when any of their members could (boolean masks),
     or with the largest (least negative) of their additive values (float masks). The result is
-    ``(B, H|1, N', N')``.
+    ``(B, H|1, N', N')`` (a key mask: ``(B, H|1, 1, N')``).
     """
     if mask.dim() == 2:
         mask = mask[None, None]
-    if mask.dim() != 4 or mask.shape[-1] != plan.num_in or mask.shape[-2] != plan.num_in:
+    n = plan.num_in
+    if mask.dim() != 4 or mask.shape[-1] != n or mask.shape[-2] not in (1, n):
         raise ValueError(
-            f"attn_mask must be (N, N) or (B, H, N, N) with N={plan.num_in} to follow token "
-            f"merging, got shape {tuple(mask.shape)}"
+            f"attn_mask must be (N, N), (B, H, N, N) or (B, H, 1, N) with N={n} to follow "
+            f"token merging, got shape {tuple(mask.shape)}"
         )
     is_bool = mask.dtype == torch.bool
     work = mask.float() if is_bool else mask
-    b, n = plan.labels.shape
+    b = plan.labels.shape[0]
     heads = work.shape[1]
+    if work.shape[-2] == 1:  # keys only: (B, H, 1, N) -> (B, N, H) -> merge -> (B, H, 1, N')
+        keys = plan.merge(work.expand(b, heads, 1, n).reshape(b, heads, n).transpose(1, 2), "amax")
+        out = keys.transpose(1, 2)[:, :, None]
+        return out.bool() if is_bool else out.contiguous()
     work = work.expand(b, heads, n, n)
     # keys: (B, H*N, N) -> (B, N, H*N) -> merge -> (B, N', H*N)
     cols = plan.merge(work.reshape(b, heads * n, n).transpose(1, 2), mode="amax")
@@ -366,11 +432,13 @@ __all__ = [
     "TraceSlot",
     "Tokens",
     "ViTPatch",
+    "attention_dtype",
     "check_traceable",
     "combine_masks",
     "key_padding",
     "last_source",
     "merge_attn_mask",
+    "merge_positions",
     "merge_step",
     "refuse_script",
     "size_bias",
