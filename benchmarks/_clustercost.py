@@ -194,9 +194,6 @@ def clustering_on_meta(
 ) -> Iterator[ClusterCalls]:
     """Answer and charge ``cluster_tokens`` calls on meta metrics (see the module doc) while
     active; also charge ``torch.ops.atc_patch.atc_labels`` met on meta tensors."""
-    from atc_patch import kernel
-
-    original = kernel.cluster_tokens
     calls = ClusterCalls()
 
     def on_call(
