@@ -457,3 +457,18 @@ def test_inductor_compiled_unet_with_the_gpu_options_matches_eager():
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     for t, want in zip((900.0, 800.0), eager, strict=True):
         torch.testing.assert_close(run(compiled, at(inputs, t)), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["tiny-sd", "tiny-flux"])
+def test_the_generation_script_takes_the_gpu_options(tmp_path, capsys, kind):
+    """The FID workflow's generator (``benchmarks/fid.py`` step 2) with the new options."""
+    from .test_diffusion_unet import _load_script
+
+    example = _load_script("examples/sd_generate.py")
+    example.main(["--model_id", kind, "--merge_fn_str", "atc", "--steps", "2", "--height", "64",
+                  "--width", "64", "--prompt", "a cat", "--tile", "4", "4", "--plan_scope",
+                  "resolution", "--reuse_steps", "2", "--merge", "kv", "--output_dir",
+                  str(tmp_path)])  # fmt: skip
+    assert [p.name for p in tmp_path.glob("*.png")] == ["00000.png"]
+    out = capsys.readouterr().out
+    assert "'tile': (4, 4)" in out and "'merge': 'kv'" in out and "'reuse_steps': 2" in out

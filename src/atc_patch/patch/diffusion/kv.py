@@ -127,17 +127,17 @@ class KVAttention(TorchFunctionMode):
         n, s = plan.num_in, k.shape[-2]
         image = slice(0, n) if self.image_first else slice(s - n, s)
         rest = slice(n, s) if self.image_first else slice(0, s - n)
-        merged = _merge_heads(plan, torch.cat([k[..., image, :], v[..., image, :]], dim=-1))
-        k_m, v_m = merged.split([k.shape[-1], v.shape[-1]], dim=-1)
+        k_m, v_m = _merge_heads(plan, k[..., image, :]), _merge_heads(plan, v[..., image, :])
         wide = torch.float64 if q.dtype == torch.float64 else torch.float32
         bias = plan.sizes().to(wide).log().to(q.dtype)  # (B, M)
-        zeros = bias.new_zeros(bias.shape[0], s - n)
-        if self.image_first:
+        if s == n:  # self-attention without a prefix: the image tokens are every key
+            k, v = k_m, v_m
+        elif self.image_first:
             k, v = torch.cat([k_m, k[..., rest, :]], -2), torch.cat([v_m, v[..., rest, :]], -2)
-            bias = torch.cat([bias, zeros], dim=-1)
+            bias = torch.cat([bias, bias.new_zeros(bias.shape[0], s - n)], dim=-1)
         else:
             k, v = torch.cat([k[..., rest, :], k_m], -2), torch.cat([v[..., rest, :], v_m], -2)
-            bias = torch.cat([zeros, bias], dim=-1)
+            bias = torch.cat([bias.new_zeros(bias.shape[0], s - n), bias], dim=-1)
         mask = bias[:, None, None, :]  # (B, 1, 1, S - N + M)
         if sdpa.get("attn_mask") is not None:
             mask = mask + _merge_mask(plan, sdpa["attn_mask"], image, rest, q.dtype, self)
@@ -145,7 +145,8 @@ class KVAttention(TorchFunctionMode):
 
 
 def _merge_heads(plan: MergePlan, x: Tensor) -> Tensor:
-    """Cluster means of ``x`` ``(B, H, N, D)`` over the tokens: ``(B, H, num_out, D)``."""
+    """Cluster means of ``x`` ``(B, H, N, D)`` over the tokens: ``(B, H, num_out, D)`` (the
+    usual layout, a head view of ``(B, N, H * D)``, needs no copy to get there)."""
     b, h, n, d = x.shape
     flat = x.transpose(1, 2).reshape(b, n, h * d)
     return plan.merge(flat).view(b, plan.num_out, h, d).transpose(1, 2)
