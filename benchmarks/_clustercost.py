@@ -66,6 +66,7 @@ class ClusterCalls:
     how: dict[str, int] = field(default_factory=dict)  # "atc triton (formula)": calls
     launches: list[int] = field(default_factory=list)
     syncs: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # N of each call (its token resolution)
 
 
 def fused_kernel_seconds(
@@ -212,6 +213,7 @@ def clustering_on_meta(
         calls.count += 1
         launches, syncs = cm.totals.launches, cm.totals.syncs
         b, n, _ = metric.shape
+        calls.tokens.append(n)
         r = n - plan.num_out
         with cm.category("cluster"):
             if plan.is_identity:
@@ -236,6 +238,7 @@ def clustering_on_meta(
         x, valid, r = values["x"], values["valid"], values["r"]
         calls.count += 1
         launches, syncs = cm.totals.launches, cm.totals.syncs
+        calls.tokens.append(x.shape[1])
         shadow = cm.shadows.get(r)
         rows, length = x.shape[:2]
         r_rows = shadow.tolist() if shadow is not None else [length - 1] * rows
