@@ -38,7 +38,8 @@ COLUMNS = (
     "label",  # the row
     "method",
     "options",
-    "status",  # ok | n/a (option not available) | n/a (rejected) | failed: ... | skipped (time)
+    "status",  # ok | n/a (option not available | not for this model | rejected) | failed: ...
+    # | skipped (time)
     "ms",  # per model call (modelled; measured: median)
     "ms_q25",  # measured only: spread of the repeats
     "ms_q75",
@@ -172,8 +173,8 @@ DIFFUSION_ROWS: tuple[Row, ...] = (
 # The recommended row per family (docs/diffusers.md, docs/dit.md) and tome_sd's with the same
 # tokens removed: what gpu_model.py checks issue 21's goals on.
 RECOMMENDED = {
-    "unet": ("atc 16x16, per resolution, reuse 4", "tome_sd, per resolution, reuse 4"),
-    "flux": ("atc 16x16, per resolution, reuse 4, mlp", "tome_sd, per resolution, reuse 4, mlp"),
+    family: ("atc 16x16, per resolution, reuse 4", "tome_sd, per resolution, reuse 4")
+    for family in ("unet", "flux")
 }
 VIT_ROWS: tuple[Row, ...] = (
     Row("unpatched"),
@@ -307,11 +308,17 @@ def call(model: Any, inputs: dict) -> Any:
 # --------------------------------------------------------------------------------------------
 def apply_row(model: Any, row: Row) -> tuple[str, str]:
     """Patch ``model`` as ``row`` says. Returns ``(status, note)``: ``("ok", "")``, or
-    ``"n/a (option not available)"`` / ``"n/a (rejected)"`` with atc_patch's message when the
-    installed atc_patch declines the row (the model is then left unpatched)."""
+    ``"n/a (not for this model)"`` (an option the model's family has no use for, e.g.
+    ``max_downsample`` on Flux), ``"n/a (option not available)"`` / ``"n/a (rejected)"`` with
+    atc_patch's message when the installed atc_patch declines the row (the model is then left
+    unpatched)."""
     atc_patch.remove_patch(model)
     if row.method is None:
         return "ok", ""
+    family, _ = atc_patch.patch.find_family(model)
+    unused = sorted(set(getattr(family, "UNUSED", {})) & set(row.options))
+    if unused:
+        return "n/a (not for this model)", f"{unused} has no use for {family.WHAT}"
     try:
         atc_patch.apply_patch(model, method=row.method, **row.options)
     except (ValueError, TypeError) as err:
