@@ -39,7 +39,8 @@ COLUMNS = (
     "label",  # the row
     "method",
     "options",
-    "status",  # ok | n/a (option not available) | n/a (rejected) | failed: ... | skipped (time)
+    "status",  # ok | n/a (option not available | not for this model | rejected) | failed: ...
+    # | skipped (time)
     "ms",  # per model call (modelled; measured: median)
     "ms_q25",  # measured only: spread of the repeats
     "ms_q75",
@@ -49,6 +50,8 @@ COLUMNS = (
     "launches",  # kernel launches per call
     "syncs",  # host synchronisations per call
     "cluster_calls",  # cluster_tokens calls per model call
+    "calls_per_resolution",  # of those, per token resolution clustered
+    "cluster_launches",  # modelled only: the most launches of one clustering call
     "hbm_gb",  # modelled only: HBM bytes read + written per call
     "cluster_ms",  # modelled only: the clustering calls' share of ms
     "attention_ms",  # modelled only: flash attention's share of ms
@@ -133,6 +136,10 @@ class Row:
 
 HALF = {"ratio": 0.5}
 TILED = {**HALF, "backend": "triton", "tile": (32, 32)}
+REUSE = {"plan_scope": "resolution", "reuse_steps": 4}
+GPU = {**HALF, "tile": (16, 16), **REUSE}
+SAME = {**HALF, "seed": 0, **REUSE}
+MLP = {"merge_mlp": True}
 DIFFUSION_ROWS: tuple[Row, ...] = (
     Row("unpatched"),
     Row("tome_sd", "tome_sd", {**HALF, "seed": 0}),
@@ -150,7 +157,28 @@ DIFFUSION_ROWS: tuple[Row, ...] = (
     Row(
         "atc tiled, per resolution, kv", "atc", {**TILED, "plan_scope": "resolution", "merge": "kv"}
     ),
+    # The settings the docs recommend on a GPU: 16 x 16 tiles (256-token rows, the fused path
+    # under backend="auto"), one plan per resolution kept for 4 calls; tome_sd alike, for the
+    # same tokens removed. "mlp": the MLPs run on merged tokens too; max_downsample=4: UNets'
+    # lower levels too (rejected on Flux).
+    Row("tome_sd, per resolution, reuse 4", "tome_sd", SAME),
+    Row("atc 16x16, per resolution, reuse 4", "atc", GPU),
+    Row("atc 16x16, per resolution, reuse 4, kv", "atc", {**GPU, "merge": "kv"}),
+    Row("tome_sd, per resolution, reuse 4, mlp", "tome_sd", {**SAME, **MLP}),
+    Row("atc 16x16, per resolution, reuse 4, mlp", "atc", {**GPU, **MLP}),
+    Row("atc 16x16, per resolution, reuse 4, mlp, kv", "atc", {**GPU, **MLP, "merge": "kv"}),
+    Row(
+        "atc 16x16, per resolution, reuse 4, mlp, max_downsample 4",
+        "atc",
+        {**GPU, **MLP, "max_downsample": 4},
+    ),
 )
+# The recommended row per family (docs/diffusers.md, docs/dit.md) and tome_sd's with the same
+# tokens removed: what gpu_model.py checks issue 21's goals on.
+RECOMMENDED = {
+    family: ("atc 16x16, per resolution, reuse 4", "tome_sd, per resolution, reuse 4")
+    for family in ("unet", "flux")
+}
 VIT_ROWS: tuple[Row, ...] = (
     Row("unpatched"),
     Row("tome r=16", "tome", {"r": 16}),
@@ -290,11 +318,17 @@ def call(model: Any, inputs: dict) -> Any:
 # --------------------------------------------------------------------------------------------
 def apply_row(model: Any, row: Row) -> tuple[str, str]:
     """Patch ``model`` as ``row`` says. Returns ``(status, note)``: ``("ok", "")``, or
-    ``"n/a (option not available)"`` / ``"n/a (rejected)"`` with atc_patch's message when the
-    installed atc_patch declines the row (the model is then left unpatched)."""
+    ``"n/a (not for this model)"`` (an option the model's family has no use for, e.g.
+    ``max_downsample`` on Flux), ``"n/a (option not available)"`` / ``"n/a (rejected)"`` with
+    atc_patch's message when the installed atc_patch declines the row (the model is then left
+    unpatched)."""
     atc_patch.remove_patch(model)
     if row.method is None:
         return "ok", ""
+    family, _ = atc_patch.patch.find_family(model)
+    unused = sorted(set(getattr(family, "UNUSED", {})) & set(row.options))
+    if unused:
+        return "n/a (not for this model)", f"{unused} has no use for {family.WHAT}"
     try:
         atc_patch.apply_patch(model, method=row.method, **row.options)
     except (ValueError, TypeError) as err:

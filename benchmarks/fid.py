@@ -6,7 +6,8 @@ The counterpart of the ATC paper's ``compute_fid_scores.py`` and ``create_im_val
     #    center-cropped and resized, plus the matching prompts for examples/sd_generate.py
     python benchmarks/fid.py build-ref --src_dir /data/imagenet/val --out_dir ref/ \\
         --per_class 2 --size 512 --class_names imagenet_classes.txt
-    # 2. generate one image per prompt
+    # 2. generate one image per prompt, with the patch's options (the GPU settings: --tile 16 16
+    #    --plan_scope resolution --reuse_steps 4 [--merge kv]; docs/diffusers.md)
     python examples/sd_generate.py --prompts ref/prompts.txt --output_dir gen/ ...
     # 3. FID with clean-fid's Inception features and resizing (--mode clean)
     python benchmarks/fid.py compute --gen_dir gen/ --ref_dir ref/ --mode clean

@@ -28,7 +28,10 @@ events on a GPU (``time.perf_counter`` on the CPU). Sections:
    ``cudaEventSynchronize`` / blocking ``cudaMemcpy``), clustering calls; rows that force the
    untiled fused kernel on more than ``--max_fused_tokens`` (4096) tokens are skipped. Join
    ``gpu_steps.csv`` with ``gpu_model.csv`` on ``(model, resolution, batch, label)``: measured
-   vs modelled, which calibrates the model's per-merge latency.
+   vs modelled, which calibrates the model's per-merge latency. Within a setup the unpatched
+   and the recommended rows (``_steps.RECOMMENDED``) go first; then the unpatched and the
+   recommended rows again under ``torch.compile(fullgraph=True, mode="reduce-overhead")``
+   (CUDA graphs), labelled ``"<label> [reduce-overhead]"``, while the time allows.
 
 Each section has a share of the budget; what does not fit is written as ``skipped (time)``.
 """
@@ -53,6 +56,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 from _steps import (  # noqa: E402
     COLUMNS,
+    RECOMMENDED,
     SETUPS,
     TINY_SETUPS,
     Row,
@@ -367,13 +371,77 @@ def steps(
             continue
         model, inputs = build(setup, device, dtype)
         inputs = move(inputs, device)
+        rows = tuple(sorted(rows, key=_row_priority))
         out += measure_setup(
             model, inputs, setup, rows, source, clock, deadline, smoke, max_fused_tokens
         )
+        out += compiled_steps(model, inputs, setup, rows, source, clock, deadline, smoke)
         del model, inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return [{"section": "steps", **r} for r in out]
+
+
+def _row_priority(row: Row) -> int:
+    """Unpatched, then the recommended rows and their tome_sd counterparts, then the rest."""
+    first = {label for pair in RECOMMENDED.values() for label in pair}
+    return 0 if row.method is None else 1 if row.label in first else 2
+
+
+COMPILE_S = {"cuda": 150.0, "cpu": 30.0}  # time a compiled row needs at least (compile + runs)
+
+
+def compiled_steps(
+    model,
+    inputs: dict,
+    setup: Setup,
+    rows: tuple[Row, ...],
+    source: str,
+    clock: Clock,
+    deadline: float,
+    smoke: bool,
+) -> list[dict]:
+    """The unpatched and the recommended rows under ``torch.compile(fullgraph=True,
+    mode="reduce-overhead")`` (CUDA graphs; on the CPU ``aot_eager``, no mode), labelled
+    ``"<label> [reduce-overhead]"`` (not modelled: the ratio is to the compiled unpatched step).
+    Each only while ``COMPILE_S`` seconds are left before ``deadline``."""
+    if setup.family not in RECOMMENDED:
+        return []
+    device = next(model.parameters()).device
+    wanted = {"unpatched", *RECOMMENDED[setup.family]}
+    out: list[dict] = []
+    base = None
+    for row in (r for r in rows if r.label in wanted):
+        rec = {**record(setup, row, source), "label": f"{row.label} [reduce-overhead]"}
+        out.append(rec)
+        if deadline - time.monotonic() < COMPILE_S[device.type]:
+            rec["status"] = "skipped (time)"
+            continue
+        rec["status"], rec["note"] = apply_row(model, row)
+        if rec["status"] != "ok":
+            continue
+        torch._dynamo.reset()
+        cuda = device.type == "cuda"
+        fn = torch.compile(
+            model,
+            backend="inductor" if cuda else "aot_eager",
+            mode="reduce-overhead" if cuda else None,
+            fullgraph=True,
+        )
+        try:
+            step = _step(fn, inputs, row)
+            ms = [t / row.calls for t in clock.run(step, 2 if smoke else 5, 3)]
+            s = stats(ms)
+            rec.update(ms=s["median_ms"], ms_q25=s["q25_ms"], ms_q75=s["q75_ms"])
+            base = rec["ms"] if row.method is None else base
+            if base:
+                rec["ratio"] = round(rec["ms"] / base, 3)
+        except Exception as err:  # noqa: BLE001 - report, go on
+            rec["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+        finally:
+            atc_patch.remove_patch(model)
+            torch._dynamo.reset()
+    return out
 
 
 def _priority(setup: Setup) -> tuple:

@@ -28,6 +28,11 @@ Rows whose options the installed atc_patch rejects are reported ``n/a (option no
 ``benchmarks/gpu_check.py --sections steps`` writes the same columns, measured: join the two
 CSVs on ``(model, resolution, batch, label)`` to calibrate ``--per_merge_us``.
 
+Then it prints, and writes to ``<out_dir>/gpu_model_goals.md``, issue 21's per-step claims
+(clustering calls per token resolution, host syncs, launches per clustering call, per row) and
+its goals on the recommended rows (``_steps.RECOMMENDED``: ratio to unpatched, and to tome_sd
+with the same tokens removed).
+
 Writes ``<out_dir>/gpu_model.csv`` (``_steps.COLUMNS``) and ``<out_dir>/gpu_model.png``.
 """
 
@@ -46,6 +51,8 @@ from _clustercost import ClusterCalls, clustering_on_meta
 from _costmodel import PRESETS, CostModel, Hardware, Totals, to_device
 from _steps import (
     COLUMNS,
+    FAMILIES,
+    RECOMMENDED,
     SETUPS,
     TINY_SETUPS,
     Row,
@@ -118,11 +125,14 @@ def per_call(t: Totals, calls: ClusterCalls, n: int) -> dict[str, Any]:
     if t.sync_sites:
         top = t.sync_sites.most_common(3)
         notes.append("syncs: " + ", ".join(f"{k} x{v / n:g}" for k, v in top))
+    resolutions = len(set(calls.tokens))
     return {
         "ms": round(t.ms / n, 3),
         "launches": round(t.launches / n, 1),
         "syncs": round(t.syncs / n, 2),
         "cluster_calls": round(calls.count / n, 2),
+        "calls_per_resolution": round(calls.count / n / resolutions, 3) if resolutions else 0,
+        "cluster_launches": max(calls.launches, default=0),
         "hbm_gb": round(t.bytes / n / 1e9, 3),
         "cluster_ms": round(t.seconds_by["cluster"] * 1e3 / n, 3),
         "attention_ms": round(t.seconds_by["attention"] * 1e3 / n, 3),
@@ -189,6 +199,58 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 21's per-step claims and goals, checked on the modelled rows
+# --------------------------------------------------------------------------------------------
+GOALS = (  # (model, resolution, the most ratio the recommended row may have)
+    ("sd15", 1024, 0.85),
+    ("sdxl", 1024, 0.9),
+    ("flux", 2048, 0.8),
+)
+
+
+def claims(rows: list[dict]) -> list[str]:
+    """The per-step claims, as the rows that ran show them (markdown lines)."""
+    ok = [r for r in rows if r["status"] == "ok" and r["method"] and FAMILIES[r["model"]] != "vit"]
+    if not ok:
+        return []
+    out = ["| row | clustering calls per resolution and step | host syncs per step | most "
+           "launches per clustering call |", "|---|---|---|---|"]  # fmt: skip
+    for label in dict.fromkeys(r["label"] for r in ok):
+        here = [r for r in ok if r["label"] == label]
+        per_res = max(r["calls_per_resolution"] for r in here)
+        syncs = max(r["syncs"] for r in here)
+        launches = max(r["cluster_launches"] for r in here)
+        out.append(f"| {label} | {per_res:g} | {syncs:g} | {launches} |")
+    return out
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Issue 21's goals on the recommended rows (``_steps.RECOMMENDED``), markdown lines."""
+    ok = {(r["setup"], r["label"]): r for r in rows if r["status"] == "ok" and "ms" in r}
+    setups = list(dict.fromkeys(r["setup"] for r in rows if FAMILIES[r["model"]] != "vit"))
+    lines = ["| setup | recommended row | ratio | vs tome_sd (same tokens removed) | goal |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for setup in setups:
+        first = next(r for r in rows if r["setup"] == setup)
+        label, tome = RECOMMENDED[FAMILIES[first["model"]]]
+        rec, ref = ok.get((setup, label)), ok.get((setup, tome))
+        if rec is None:
+            lines.append(f"| {setup} | {label} | n/a | | |")
+            continue
+        limit = next(
+            (g for m, res, g in GOALS if (m, res) == (first["model"], first["resolution"])), 1.0
+        )
+        vs = rec["ms"] / ref["ms"] if ref else None
+        met = rec["ratio"] <= limit and (vs is None or vs <= 1.05)
+        lines.append(
+            f"| {setup} | {label} | {rec['ratio']:.3f}x | "
+            f"{'' if vs is None else f'{vs:.3f}x'} | <= {limit:g}x, <= 1.05x: "
+            f"{'met' if met else 'MISSED'} |"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +371,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             part = model_setup(setup, rows, args, hw, source, bar)
             results += part
             tqdm.write(table(part) + "\n")
+    report = ["## Per-step claims (modelled)", "", *claims(results), ""]
+    report += ["## Issue 21's goals on the recommended rows (modelled)", "", *goals(results)]
+    print("\n".join(report))
     write_csv(results, args.out_dir / "gpu_model.csv")
+    (args.out_dir / "gpu_model_goals.md").write_text("\n".join(report) + "\n")
     title = f"{source}; fused ATC {args.per_merge_us:g} µs/merge/256 tokens"
     if not args.no_plot:
         plot(results, args.out_dir / "gpu_model.png", title)

@@ -9,6 +9,8 @@ Any other ``--model_id`` (a Hub id or a local folder) loads real weights where y
 
     python examples/sd_generate.py --merge_fn_str atc --linkage average --reduction_ratio 0.5
     python examples/sd_generate.py --model_id tiny-flux --merge_fn_str tome_sd --steps 4
+    python examples/sd_generate.py --merge_fn_str atc --tile 16 16 --plan_scope resolution \
+        --reuse_steps 4                         # the GPU settings (docs/diffusers.md)
     python examples/sd_generate.py --model_id runwayml/stable-diffusion-v1-5 --device cuda \\
         --merge_fn_str tome_sd --reduction_ratio 0.5 --prompts prompts.txt --output_dir out/
     # one shard of the prompt list per process (each rank writes its own images)
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_downsample", type=int, default=None, help="UNets: default highest attn")
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="DiTs: default all blocks")
     p.add_argument("--metric_dim", type=int, default=None, help="DiTs: projected metric width")
+    p.add_argument(
+        "--tile", type=int, nargs=2, default=None, help="th tw: cluster in local token tiles"
+    )
+    p.add_argument("--plan_scope", default=None, choices=("block", "resolution"))
+    p.add_argument("--reuse_steps", type=int, default=None, help="keep plans for k steps")
+    p.add_argument("--merge", default=None, choices=("tokens", "kv"), help="tokens or keys/values")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
     p.add_argument("--images_per_prompt", type=int, default=1)
@@ -126,7 +134,15 @@ def patch_options(args: argparse.Namespace, pipe) -> dict:
         opts["linkage"] = args.linkage
     if args.merge_crossattn:
         opts["merge_crossattn"] = True
-    for name in ("max_downsample", "blocks", "metric_dim"):
+    for name in (
+        "max_downsample",
+        "blocks",
+        "metric_dim",
+        "tile",
+        "plan_scope",
+        "reuse_steps",
+        "merge",
+    ):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if getattr(pipe, "unet", None) is not None:  # UNets: the cross-attention flag is explicit

@@ -34,10 +34,17 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert fused and all(r["syncs"] == "0" for r in fused if r["syncs"])
     assert "## deit" in (tmp_path / "gpu_check.md").read_text()
     steps = list(csv.DictReader(open(tmp_path / "gpu_steps.csv")))
+    compiled = [r for r in steps if r["label"].endswith("[reduce-overhead]")]
+    steps = [r for r in steps if r not in compiled]
     assert len(steps) == sum(len(_steps.rows_for(s)) for s in _steps.TINY_SETUPS)
     status = {(r["model"], r["label"]): r["status"] for r in steps}
     assert all(status[(s.model, "unpatched")] == "ok" for s in _steps.TINY_SETUPS)
     assert status[("sd15", "atc triton")] == "ok"  # the fused path, interpreted
+    for label in _steps.RECOMMENDED["unet"]:  # the GPU settings, the fused path interpreted
+        assert status[("sd15", label)] == "ok"
+    # The recommended rows compiled (fullgraph; CUDA graphs on a GPU), where time allowed.
+    done = {(r["model"], r["label"]) for r in compiled if r["status"] == "ok"}
+    assert ("sd15", f"{_steps.RECOMMENDED['unet'][0]} [reduce-overhead]") in done
 
 
 def test_steps_section_joins_the_cost_model(tmp_path: Path, monkeypatch) -> None:
@@ -66,6 +73,9 @@ def test_steps_section_joins_the_cost_model(tmp_path: Path, monkeypatch) -> None
         return tuple(reader.fieldnames), out
 
     columns, measured = read(tmp_path / "check" / "gpu_steps.csv")
+    compiled = {k: v for k, v in measured.items() if k[3].endswith("[reduce-overhead]")}
+    measured = {k: v for k, v in measured.items() if k not in compiled}
+    assert [k[3] for k in compiled] == ["unpatched [reduce-overhead]"]  # sd15 (none for DeiT)
     model_columns, modelled = read(tmp_path / "model" / "gpu_model.csv")
     assert columns == model_columns == _steps.COLUMNS
     assert measured.keys() == modelled.keys() and len(measured) == 5

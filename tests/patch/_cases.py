@@ -271,6 +271,16 @@ _DIFFUSION = dict(
     other={"ratio": 0.25, "merge_mlp": True},
 )
 
+# Issue 21's options on top (tiles where the method takes them): the same contract holds.
+_GPU = {"plan_scope": "resolution", "reuse_steps": 2, "merge": "kv"}
+_DIFFUSION_GPU = dict(
+    methods=DIFFUSION_METHODS,
+    reduce={"ratio": 0.5, **_GPU},
+    zero={"ratio": 0.0, **_GPU},
+    other={"ratio": 0.25, "merge_mlp": True, "plan_scope": "resolution"},
+    extra={m: {"tile": (4, 4)} for m in DIFFUSION_METHODS if m != "tome_sd"},
+)
+
 CASES = [
     Case(
         "timm",
@@ -356,6 +366,22 @@ CASES = [
         )  # fmt: skip
         for kind in ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
     ),
+    Case(
+        "unet-gpu-options",
+        "unet",
+        _unet,
+        _run_unet,
+        bad_at_apply={"max_downsample": 1},
+        **_DIFFUSION_GPU,
+    ),  # fmt: skip
+    Case(
+        "tiny-flux-gpu-options",
+        "dit",
+        _dit("tiny-flux"),
+        _run_dit,
+        bad_at_apply={"blocks": (0, 99)},
+        **_DIFFUSION_GPU,
+    ),  # fmt: skip
     Case(
         "vit-adapter",
         "vit_adapter",

@@ -52,6 +52,10 @@ HINTS: dict[str, dict[str, str]] = {
         },
         "reduction_ratio": "reduction_ratio is the ViT-Adapter's option; a ViT takes keep_rate "
         "(with reduction_loc) or r",
+        **{
+            k: "tile/plan_scope/reuse_steps/merge are diffusion-model options"
+            for k in ("tile", "plan_scope", "reuse_steps", "merge")
+        },
     },
     "diffusion": {
         "r": "diffusion models take ratio (the fraction of each block's tokens removed), not r",
@@ -76,6 +80,8 @@ HINTS: dict[str, dict[str, str]] = {
 
 
 SIZE_MODES = ("keep", "reset")
+PLAN_SCOPES = ("block", "resolution")
+MERGE_MODES = ("tokens", "kv")
 
 
 def _linkage(method: str, linkage: Any) -> str | None:
@@ -291,6 +297,17 @@ class DiffusionConfig(PatchConfig):
         seed: ToMe-SD only: seeds the random draws per call (default: drawn, without
             advancing it, from the global torch RNG when the config is made).
         generator: ToMe-SD only, instead of ``seed``: draw from this ``torch.Generator``.
+        tile: ``(th, tw)`` in token-grid units: cluster inside local tiles (ragged edge tiles
+            allowed; ``r`` split over tiles by shape, see :mod:`atc_patch.kernel.tiles`);
+            ``None``: the whole image. Not with ``tome_sd``, local already.
+        plan_scope: ``"block"`` (a plan per patched block) or ``"resolution"`` (one plan per
+            token resolution per model call, made at the first patched block of it).
+        reuse_steps: keep the plans for this many consecutive model calls (denoising steps;
+            a batch-size or resolution change starts afresh); ``1``: every call.
+        merge: ``"tokens"`` (sublayers run on merged tokens, outputs unmerged) or ``"kv"``
+            (self- and joint attention keep every query; their image keys and values become
+            the cluster means, each merged key's logit gets ``+ log(size)``); ``merge_mlp``
+            and ``merge_crossattn`` keep merging tokens.
     """
 
     KIND: ClassVar[str] = "diffusion"
@@ -315,6 +332,10 @@ class DiffusionConfig(PatchConfig):
     use_rand: bool = True
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False)
+    tile: tuple[int, int] | None = None
+    plan_scope: str = "block"
+    reuse_steps: int = 1
+    merge: str = "tokens"
 
     def __post_init__(self) -> None:
         method = self._check_method_only()
@@ -347,6 +368,7 @@ class DiffusionConfig(PatchConfig):
             sy=as_int("sy", self.sy, minimum=1),
             use_rand=as_bool("use_rand", self.use_rand),
         )
+        self._gpu_options(method)
         if method != "tome_sd":
             return
         if self.sx * self.sy == 1:
@@ -364,6 +386,29 @@ class DiffusionConfig(PatchConfig):
             fork = torch.Generator().set_state(torch.get_rng_state())  # not advanced
             seed = int(torch.randint(2**62, (1,), generator=fork))
         self._set(seed=seed)
+
+    def _gpu_options(self, method: str) -> None:
+        """Validate ``tile``, ``plan_scope``, ``reuse_steps`` and ``merge``."""
+        tile = self.tile
+        if tile is not None:
+            tile = as_int_list("tile", tile, minimum=1)
+            if len(tile) != 2:
+                raise ValueError(f"tile must be (th, tw) in token-grid units, got {self.tile!r}")
+            if method == "tome_sd":
+                raise ValueError(
+                    "tile does not apply to method='tome_sd': it is local already (one "
+                    "destination per sy x sx window); use sx/sy, or tile with another method"
+                )
+        if self.plan_scope not in PLAN_SCOPES:
+            raise ValueError(f"plan_scope must be one of {PLAN_SCOPES}, got {self.plan_scope!r}")
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if self.merge == "kv" and not self.merge_attn:
+            raise ValueError(
+                "merge='kv' merges the keys and values of the attention that merge_attn "
+                "selects; it needs merge_attn=True"
+            )
+        self._set(tile=tile, reuse_steps=as_int("reuse_steps", self.reuse_steps, minimum=1))
 
 
 def _optional_int(name: str, value: Any, minimum: int | None) -> int | None:

@@ -10,6 +10,10 @@ the call. Nothing that changes per call is stored on a module::
     active = active_block(index)                # in a sublayer of block ``index``
     plan = block_plan(active)                   # None: run unmerged
 
+With ``plan_scope="resolution"`` or ``reuse_steps > 1`` a plan is looked up before it is made
+(:mod:`.reuse`: one per token resolution per call, kept for ``reuse_steps`` calls); with
+``tile`` the kernel clusters inside local tiles of the block's token grid.
+
 ``tome_sd``'s random destinations are a pure function of ``(seed, timestep, block)`` computed
 on the device: no host read, the same run draws the same ones, and a gradient-checkpoint
 recomputation draws them again exactly. With a user ``generator`` they are drawn from it as
@@ -20,6 +24,7 @@ recomputation.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 from ...kernel import cluster_tokens, max_reduction
 from ...kernel.plan import MergePlan
 from ..config import DiffusionConfig
+from . import reuse
 
 CKPT_ATTR = "_gradient_checkpointing_func"  # diffusers' per-module checkpoint function
 Grid = Callable[[int, int], tuple[int, int]]  # (tokens, latent stride) -> (h, w)
@@ -49,6 +55,7 @@ class BlockSpec:
         downsample: the block's latent stride (UNets; its grid is the call's latent grid / d).
         prefix: ``(position, name)`` of the argument whose tokens lie, never merged, in front
             of the image tokens inside the sublayers (Flux single-stream: the text).
+        store: the root's :class:`~.reuse.PlanStore` (``reuse_steps > 1``; set by ``patch``).
     """
 
     config: DiffusionConfig
@@ -56,6 +63,7 @@ class BlockSpec:
     spans: tuple[tuple[str, Any], ...]
     downsample: int = 1
     prefix: tuple[int, str] | None = None
+    store: Any = field(default=None, compare=False)
 
 
 class CallVar:
@@ -97,6 +105,8 @@ class Call:
         drawn: ``tome_sd``'s destinations drawn from a user generator, per block index.
         active: the running block.
         standalone: made by a block called outside its root's forward.
+        plans: the plans this call looked up (:mod:`.reuse`), by key.
+        counted: whether the root's plan store has counted this call.
     """
 
     grid: Grid | None
@@ -106,6 +116,8 @@ class Call:
     active: Active | None = None
     standalone: bool = False
     token: Any = field(default=None, repr=False)
+    plans: dict[tuple, MergePlan | None] = field(default_factory=dict)
+    counted: bool = False
 
     def grid_of(self, n: int, downsample: int) -> tuple[int, int]:
         if self.grid is not None:
@@ -177,9 +189,15 @@ def active_block(index: int) -> Active | None:
 
 
 def block_plan(active: Active) -> MergePlan | None:
-    """The running block's plan (made on first use), ``None`` to run unmerged."""
+    """The running block's plan (made on first use, or found in :mod:`.reuse`'s stores),
+    ``None`` to run unmerged."""
     if not active.planned:
-        active.plan = _plan(active.call, active.spec, active.x)
+        cfg = active.spec.config
+        make = functools.partial(_plan, active.call, active.spec, active.x)
+        if cfg.plan_scope == "block" and cfg.reuse_steps == 1:
+            active.plan = make()
+        else:
+            active.plan = reuse.lookup(active.call, active.spec, active.x, make)
         active.planned = True
     return active.plan
 
@@ -214,12 +232,28 @@ def _plan(call: Call, spec: BlockSpec, x: Tensor) -> MergePlan | None:
             metric, r, "tome_sd", h=h, w=w, sx=cfg.sx, sy=cfg.sy, no_rand=not rand, pick=pick
         )
     else:
-        if cfg.method == "tome":
+        tiles = {}
+        if cfg.tile is not None:
+            tiles = {"grid": _tile_grid(call, spec, n), "tile": cfg.tile}
+            cap = max_reduction(cfg.method, n, **tiles)
+            _warn_capped(cfg, r, n, cap, f"each {cfg.tile[0]}x{cfg.tile[1]} tile keeps a token")
+        elif cfg.method == "tome":
             cap = max_reduction("tome", n)
             _warn_capped(cfg, r, n, cap, "ToMe merges one half of the tokens into the other")
         options = {"linkage": cfg.linkage, "backend": cfg.backend} if cfg.method == "atc" else {}
-        plan = cluster_tokens(metric, r, cfg.method, **options)
+        plan = cluster_tokens(metric, r, cfg.method, **options, **tiles)
     return None if plan.is_identity else plan
+
+
+def _tile_grid(call: Call, spec: BlockSpec, n: int) -> tuple[int, int]:
+    """The ``(h, w)`` token grid that ``tile`` cuts (the family's, as ``tome_sd``'s)."""
+    try:
+        return call.grid_of(n, spec.downsample)
+    except ValueError as err:
+        raise ValueError(
+            f"tile={spec.config.tile} clusters inside tiles of the token grid, which cannot be "
+            f"found here ({err}); use tile=None"
+        ) from None
 
 
 def _warn(message: str) -> None:

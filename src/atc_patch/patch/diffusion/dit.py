@@ -59,7 +59,9 @@ def _flux_single(c: DiffusionConfig) -> dict[str, Span]:
 
 def _joint(c: DiffusionConfig) -> dict[str, Span]:  # SD3 JointTransformerBlock
     # attn2: SD3.5's image-only self-attention.
-    attn = {"attn": Span(mask="reject"), "attn2": Span(mask="keys")} if c.merge_attn else {}
+    # attn: JointAttnProcessor2_0 puts the image keys before the text keys.
+    joint = Span(mask="reject", image_keys="first")
+    attn = {"attn": joint, "attn2": Span(mask="keys")} if c.merge_attn else {}
     return {**attn, **({"ff": Span()} if c.merge_mlp else {})}
 
 

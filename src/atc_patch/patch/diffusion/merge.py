@@ -41,6 +41,9 @@ class Span:
             token); ``"reject"``: a mask cannot follow the merge (joint text+image attention);
             ``"pass"``: the mask concerns other keys (cross-attention to text).
         rotary: ``image_rotary_emb`` ``(cos, sin)`` tables ``(S, D)`` follow the merge (Flux).
+        image_keys: under ``merge="kv"`` (:mod:`.kv`), where the image tokens are among the
+            attention's keys: ``"last"`` (after the prefix or the text: self-attention, Flux)
+            or ``"first"`` (before the text: SD3's joint attention).
     """
 
     merge_in: bool = True
@@ -48,6 +51,7 @@ class Span:
     outputs: tuple[int, ...] = (0,)
     mask: str = "pass"
     rotary: bool = False
+    image_keys: str = "last"
 
 
 def merge_around(module: nn.Module, span: Span, index: int, *args: Any, **kwargs: Any) -> Any:
