@@ -31,9 +31,9 @@ from .core import (
     exit_call,
     unwrap_checkpointing,
 )
-from .merge import Span, merge_around
+from .merge import JointMask, Rotary, Span, merge_around
 
-__all__ = ["BlockSpec", "Call", "Span", "enter_call", "patch", "unpatch"]
+__all__ = ["BlockSpec", "Call", "JointMask", "Rotary", "Span", "enter_call", "patch", "unpatch"]
 
 
 def patch(
