@@ -120,16 +120,18 @@ def fixed_grid(hw: tuple[int, int], n: int, downsample: int) -> tuple[int, int]:
     return hw
 
 
-def ids_grid(ids: Tensor | None, n: int, downsample: int) -> tuple[int, int]:
-    """``(h, w)`` of Flux's ``img_ids`` ``(N, 3)`` / ``(1, N, 3)`` (rows, columns in columns 1
-    and 2), which must be one raster grid. Their values are read once per ``img_ids`` tensor
-    (kept on it); where they cannot be read (``meta``, ``torch.compile``) the grid is the
-    square one (``meta``: the most square factorisation; compiled: checked on the device)."""
-    given, ids = ids, (ids[0] if ids is not None and ids.dim() == 3 else ids)
-    if ids is None or ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] < 3:
+def ids_grid(ids: Tensor | None, skip: int, n: int, downsample: int) -> tuple[int, int]:
+    """``(h, w)`` of the ``n`` rows at ``skip`` of Flux's ``img_ids`` ``(S, k)`` / ``(1, S, k)``
+    (rows, columns in columns 1 and 2), which must be one raster grid. Their values are read
+    once per ``img_ids`` tensor (kept on it); where they cannot be read (``meta``,
+    ``torch.compile``) the grid is the square one (``meta``: the most square factorisation;
+    compiled: checked on the device)."""
+    flat = ids[0] if ids is not None and ids.dim() == 3 else ids
+    if flat is None or flat.dim() != 2 or flat.shape[0] < skip + n or flat.shape[1] < 3:
         raise ValueError(
             f"method='tome_sd' needs img_ids (N, 3) for the {n} image tokens to find their grid"
         )
+    rows = flat[skip : skip + n]
     if ids.is_meta:
         return squarest(n)
     if torch.compiler.is_compiling():
@@ -140,9 +142,9 @@ def ids_grid(ids: Tensor | None, n: int, downsample: int) -> tuple[int, int]:
                 f"(img_ids cannot be read in a graph): {n} tokens are not a square grid; run "
                 "eagerly or use another method"
             )
-        torch._assert_async(is_raster(ids, side))
+        torch._assert_async(is_raster(rows, side))
         return side, side
-    return read_once(given, "_atc_grid", lambda _: raster_grid(ids, n))
+    return read_once(ids, "_atc_grid", (skip, n), lambda: raster_grid(rows, n))
 
 
 def squarest(n: int) -> tuple[int, int]:
@@ -151,11 +153,12 @@ def squarest(n: int) -> tuple[int, int]:
     return h, n // h
 
 
-def read_once(t: Tensor, attr: str, read: Callable[[Tensor], Any]) -> Any:
-    """``read(t)``, a host read of ``t``'s values, kept on ``t`` until it changes in place."""
+def read_once(t: Tensor, attr: str, key: Any, read: Callable[[], Any]) -> Any:
+    """``read()``, a host read of ``t``'s values for ``key``, kept on ``t`` until it changes in
+    place."""
     cached = vars(t).get(attr)
-    if cached is None or cached[0] != t._version:
-        cached = (t._version, read(t))
+    if cached is None or cached[0] != (t._version, key):
+        cached = ((t._version, key), read())
         setattr(t, attr, cached)
     return cached[1]
 

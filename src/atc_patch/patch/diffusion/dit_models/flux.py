@@ -65,19 +65,13 @@ def ids_call(where: Args, args: tuple, kwargs: dict) -> Call:
     x = where.get(args, kwargs, "hidden_states")
     _check_kv_cache(where, args, kwargs, x)
     skip, count = generated_rows(ids, int(x.shape[1]))
-    target = None if ids is None else _rows(ids, skip, count)
     return Call(
-        functools.partial(ids_grid, target),
+        functools.partial(ids_grid, ids, skip),
         where.get(args, kwargs, "timestep"),
         text=text_length(where, args, kwargs, "encoder_hidden_states"),
         skip=skip,
         count=count,
     )
-
-
-def _rows(ids: Tensor, skip: int, count: int | None) -> Tensor:
-    ids = ids[0] if ids.dim() == 3 else ids
-    return ids if count is None else ids[skip : skip + count]
 
 
 def _check_kv_cache(where: Args, args: tuple, kwargs: dict, x: Tensor) -> None:
@@ -107,7 +101,7 @@ def generated_rows(ids: Tensor | None, n: int) -> tuple[int, int | None]:
             "tokens must not merge; the ids cannot be read in a graph): run eagerly",
         )
         return 0, None
-    return read_once(ids, "_atc_rows", lambda _: _run_of_zeros(flat))
+    return read_once(ids, "_atc_rows", n, lambda: _run_of_zeros(flat))
 
 
 def _run_of_zeros(ids: Tensor) -> tuple[int, int | None]:
