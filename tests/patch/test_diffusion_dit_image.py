@@ -472,4 +472,3 @@ def test_chroma_pipeline_patch_and_remove():
     patched = gen()
     atc_patch.remove_patch(pipe)
     assert (patched != ref).any() and (gen() == ref).all()
-

@@ -46,8 +46,11 @@ FAMILIES: dict[str, str] = {
 SUPPORTED = (
     "timm VisionTransformer (and subclasses: DeiT, distilled DeiT, MAE-style, registers), "
     "torchvision VisionTransformer, diffusers UNet2DConditionModel or a pipeline holding one "
-    "(SD 1.x/2.x/XL), diffusers FluxTransformer2DModel, SD3Transformer2DModel, "
-    "PixArtTransformer2DModel, DiTTransformer2DModel or a pipeline holding one, "
+    "(SD 1.x/2.x/XL), diffusers FluxTransformer2DModel, Flux2Transformer2DModel, "
+    "ChromaTransformer2DModel, SD3Transformer2DModel, QwenImageTransformer2DModel, "
+    "CogView4Transformer2DModel, HiDreamImageTransformer2DModel, ZImageTransformer2DModel, "
+    "PixArtTransformer2DModel, DiTTransformer2DModel, SanaTransformer2DModel or a pipeline "
+    "holding one, "
     "atc_patch.mmdet ViTAdapter or a detector holding one, "
     "transformers ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, CLIPVisionModel, "
     "SiglipVisionModel and their task models (...ForImageClassification, "

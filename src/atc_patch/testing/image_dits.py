@@ -45,7 +45,7 @@ TINY: dict[str, dict[str, Any]] = {
     "zimage": dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12],
-        axes_lens=[256, 64, 64],
+        axes_lens=[1024, 64, 64],
     ),
     "flux2": dict(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
