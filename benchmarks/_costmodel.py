@@ -486,6 +486,8 @@ class CostModel:
         outs = [t for t in _tensors(out) if t.is_meta]
         if not outs or any(t.numel() > self.shadow_limit for t in outs):
             return
+        if func.overloadpacket.__name__ in _UNINITIALISED:  # no values to know (e.g. shape-only
+            return  # plans' labels): a shadow would be whatever memory the CPU op returned
         if not metas_in:
             device = kwargs.get("device")
             seeded = torch.Tag.nondeterministic_seeded in func.tags
@@ -501,6 +503,9 @@ class CostModel:
         for t, v in zip(_tensors(out), values, strict=False):
             if t.is_meta and v.shape == t.shape:
                 self.shadows[t] = v
+
+
+_UNINITIALISED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
 def _written_args(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:

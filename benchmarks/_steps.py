@@ -1,8 +1,10 @@
 """The model steps that ``gpu_model.py`` models and ``gpu_check.py`` measures: one table.
 
 A *setup* is a model at one size (:data:`SETUPS`: SD-1.5 at 512² and 1024², SDXL at 1024²,
-Flux at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256), built from its real
-configuration with random weights (no download) on any device, meta included. A *row* is a
+Flux at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256; :data:`CURRENT_SETUPS`:
+issue 22's image transformers, QwenImage at 1328², Z-Image, FLUX.2, Chroma, CogView4, HiDream
+and Sana at 1024², Sana at 4096²), built from its real configuration with random weights (no
+download) on any device, meta included. A *row* is a
 patch setting ``(label, method, options)`` (:data:`DIFFUSION_ROWS`, :data:`VIT_ROWS`): adding a
 setting is one line. Both scripts write :data:`COLUMNS`, so their CSVs join on
 ``(model, resolution, batch, label)``.
@@ -93,9 +95,12 @@ class Setup:
     def tokens(self) -> int:
         """Image tokens of one sample where the patches cluster by default: SD-1.5's latent grid
         (1/8), SDXL's first attention level (1/16), Flux's packed latents (1/16), DeiT's
-        16-pixel patches plus the class token (the RoPE / NaFlex ViTs: :data:`ROPE_VITS`)."""
+        16-pixel patches plus the class token (the RoPE / NaFlex ViTs: :data:`ROPE_VITS`; the
+        current image DiTs: :data:`CURRENT_DITS`)."""
         if self.model in ROPE_VITS:
             return ROPE_VITS[self.model].tokens(self.resolution, self.tiny)
+        if self.model in CURRENT_DITS:
+            return CURRENT_DITS[self.model].tokens(self.resolution)
         side = self.resolution // (8 if self.model == "sd15" else 16)
         return side * side + (self.family == "vit")
 
@@ -190,6 +195,8 @@ VIT_ROWS: tuple[Row, ...] = (
 def rows_for(setup: Setup) -> tuple[Row, ...]:
     if setup.model in ROPE_VITS:
         return _rope_vit_rows(setup)
+    if setup.model in CURRENT_DITS:
+        return SANA_ROWS if setup.model == "sana" else CURRENT_ROWS
     return VIT_ROWS if setup.family == "vit" else DIFFUSION_ROWS
 
 
@@ -235,6 +242,8 @@ def build_model(setup: Setup, device: str | torch.device, dtype: torch.dtype) ->
     if setup.model in ROPE_VITS:
         with _construction(device, dtype):
             return build_rope_vit(setup.model, tiny=setup.tiny)
+    if setup.model in CURRENT_DITS:
+        return build_current(setup, device, dtype)
     with torch.random.fork_rng(devices=[]), _construction(device, dtype):
         torch.manual_seed(0)
         if setup.family == "unet":
@@ -268,6 +277,8 @@ def model_inputs(model: torch.nn.Module, setup: Setup, device: str | torch.devic
     ``device`` directly."""
     if setup.model in ROPE_VITS:
         return rope_vit_inputs(setup.model, model, setup.batch, device, setup.tiny)
+    if setup.model in CURRENT_DITS:
+        return current_inputs(model, setup)
     if setup.family == "unet":
         from atc_patch.testing import unet_inputs
 
@@ -308,7 +319,7 @@ def at_step(inputs: dict, step: int) -> dict:
 
 def call(model: Any, inputs: dict) -> Any:
     """One model call."""
-    if "x" in inputs:
+    if set(inputs) == {"x"}:  # a ViT's images (Z-Image's latents are "x" among others)
         return model(inputs["x"])
     return model(**inputs)
 
@@ -388,3 +399,128 @@ TINY_SETUPS = TINY_SETUPS + tuple(Setup(m, 64, 2, tiny=True) for m in ROPE_VITS)
 def _rope_vit_rows(setup: Setup) -> tuple[Row, ...]:
     spec = ROPE_VITS[setup.model]
     return tuple(Row(*row) for row in spec.rows(*((2, 16) if setup.tiny else ())))
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 22: the current image transformers. Not in SETUPS (gpu_check.py's measured run stays
+# as it is); gpu_model.py models them when --models names them.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageDiT:
+    """A current image transformer: its ``atc_patch.testing`` configuration (``"<kind>-width"``
+    with ``depth``, the published block counts; ``"tiny-<kind>"`` for tiny setups), the image
+    pixels per token side (VAE stride x patch size) and its text tokens."""
+
+    kind: str
+    depth: Mapping[str, Any]
+    pixels: int
+    text: int
+    name: str
+
+    def tokens(self, resolution: int) -> int:
+        return (resolution // self.pixels) ** 2
+
+
+CURRENT_DITS = {
+    d.kind: d
+    for d in (
+        ImageDiT("qwenimage", {"num_layers": 60}, 16, 256, "QwenImage"),
+        ImageDiT("zimage", {"n_layers": 30, "n_refiner_layers": 2}, 16, 512, "Z-Image"),
+        ImageDiT("flux2", {"num_layers": 8, "num_single_layers": 48}, 16, 512, "FLUX.2"),
+        ImageDiT("chroma", {"num_layers": 19, "num_single_layers": 38}, 16, 512, "Chroma"),
+        ImageDiT("cogview4", {"num_layers": 28}, 16, 128, "CogView4"),
+        ImageDiT(
+            "hidream",
+            {"num_layers": 16, "num_single_layers": 32, "llama_layers": list(range(48))},
+            16,
+            128,
+            "HiDream",
+        ),
+        ImageDiT("sana", {"num_layers": 20}, 32, 300, "Sana"),
+    )
+}
+NAMES.update({k: d.name for k, d in CURRENT_DITS.items()})
+FAMILIES.update({k: "dit" for k in CURRENT_DITS})
+CURRENT_SETUPS: tuple[Setup, ...] = (
+    Setup("qwenimage", 1328, 1),  # Qwen-Image's default size: 6889 tokens
+    Setup("zimage", 1024, 1),
+    Setup("flux2", 1024, 1),
+    Setup("chroma", 1024, 1),
+    Setup("cogview4", 1024, 1),
+    Setup("hidream", 1024, 1),
+    Setup("sana", 1024, 1),  # 1024 tokens through the /32 DC-AE
+    Setup("sana", 4096, 1),  # Sana 4K: 16384 tokens
+)
+CURRENT_TINY_SETUPS: tuple[Setup, ...] = tuple(
+    Setup(k, 8 * d.pixels, 1, tiny=True) for k, d in CURRENT_DITS.items()
+)
+_MLP = {"merge_mlp": True}
+CURRENT_ROWS: tuple[Row, ...] = (
+    Row("unpatched"),
+    Row("tome_sd", "tome_sd", {**HALF, "seed": 0}),
+    Row("atc", "atc", HALF),
+    Row("tome_sd +mlp", "tome_sd", {**HALF, "seed": 0, **_MLP}),
+    Row("atc +mlp", "atc", {**HALF, **_MLP}),
+)
+SANA_ROWS: tuple[Row, ...] = CURRENT_ROWS[:3] + (  # a conv MLP: its cross-attention instead
+    Row("tome_sd +cross", "tome_sd", {**HALF, "seed": 0, "merge_crossattn": True}),
+    Row("atc +cross", "atc", {**HALF, "merge_crossattn": True}),
+)
+
+
+def build_current(setup: Setup, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A current image transformer at its published size (tiny: a few channels), eval mode.
+    HiDream's MoE feed-forwards route tokens on the host (no meta kernel for their
+    ``bincount``): they run as a stand-in of the same work, their top-k experts densely on
+    every token (:func:`_dense_moe`)."""
+    import diffusers
+
+    from atc_patch.testing import transformer_config
+
+    dit = CURRENT_DITS[setup.model]
+    name, kw = transformer_config(f"tiny-{dit.kind}" if setup.tiny else f"{dit.kind}-width")
+    with torch.random.fork_rng(devices=[]), _construction(device, dtype):
+        torch.manual_seed(0)
+        model = getattr(diffusers, name)(**(kw if setup.tiny else {**kw, **dit.depth}))
+    if setup.model == "hidream":
+        for m in model.modules():
+            if type(m).__name__ == "MOEFeedForwardSwiGLU":
+                m.forward = _dense_moe.__get__(m)
+    return model.eval()
+
+
+def _dense_moe(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HiDream's MoE feed-forward with the work of its routing: the first ``top_k`` experts on
+    every token plus the shared expert (each token runs ``top_k`` routed experts)."""
+    y = self.shared_experts(x)
+    for expert in self.experts[: self.num_activated_experts]:
+        y = y + expert(x)
+    return y
+
+
+def current_inputs(model: torch.nn.Module, setup: Setup) -> dict:
+    """A current image transformer's inputs at ``setup``'s size (text: 8 tokens when tiny).
+    HiDream's are patchified, with the grid as numbers (``img_sizes``): from latents it makes
+    that grid on the device and reads it back in its ``unpatchify``, which meta cannot."""
+    from atc_patch.testing import transformer_inputs
+
+    dit = CURRENT_DITS[setup.model]
+    side = setup.resolution // dit.pixels
+    text = 8 if setup.tiny else dit.text
+    inputs = transformer_inputs(model, batch=setup.batch, height=side, width=side, seq_len=text)
+    if setup.model == "hidream":
+        x, p = inputs["hidden_states"], model.config.patch_size
+        b, c = x.shape[:2]
+        tokens = (
+            x.reshape(b, c, side, p, side, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+        )
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        inputs.update(
+            hidden_states=tokens,
+            img_ids=ids.reshape(1, -1, 3).expand(b, -1, -1),
+            img_sizes=[(side, side)] * b,
+            hidden_states_masks=torch.ones(b, side * side, dtype=x.dtype),
+        )
+    return inputs

@@ -1,16 +1,23 @@
-"""Diffusion-transformer step time: unpatched vs every atc_patch method, Flux and SD3.
+"""Diffusion-transformer step time: unpatched vs every atc_patch method, per model class.
 
 Random-init transformers at their real widths (FLUX.1: 3072 channels, 24 heads of 128;
 SD3-medium: 1536 channels, 24 heads of 64) with reduced depth, on 4096 image tokens (a 64x64
 token grid = 1024x1024 px) and their text lengths (Flux-dev: 512 T5 tokens; SD3: 77 CLIP +
-256 T5 = 333). One process run times every configuration side by side on the same model and
-inputs, in interleaved rounds (the machines are shared and noisy: compare the ratios, which are
-taken within a round, and read their spread over rounds).
+256 T5 = 333). The current image transformers (QwenImage, Z-Image, FLUX.2, Chroma, CogView4,
+HiDream, Sana) at their published width with one block of each kind
+(``atc_patch.testing.image_dits``, ``"<name>-width"``), at a realistic size each
+(:data:`CURRENT`: QwenImage 1328x1328 = 6889 tokens, Sana 1024x1024 = 1024 tokens through its
+/32 autoencoder, the others 1024x1024 = 4096). One process run times every configuration side
+by side on the same model and inputs, in interleaved rounds (the machines are shared and
+noisy: compare the ratios, which are taken within a round, and read their spread over rounds).
 
     # the issue's configuration: Flux 2 double + 4 single blocks, SD3 4 blocks, 3 ratios
     python benchmarks/dit_speed.py
     # the headline (ratio 0.5) on one block of each kind, a quicker CPU run
     python benchmarks/dit_speed.py --double 1 --single 1 --sd3_layers 1 --ratios 0.5
+    # the current image transformers, attention only and with the MLP too
+    python benchmarks/dit_speed.py --models qwenimage sana --ratios 0.5 --mlp_too \
+        --methods unpatched tome_sd atc-average
     # a smoke run
     python benchmarks/dit_speed.py --tokens 64 --width_div 16 --ratios 0.5 --rounds 1
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import random
 import statistics
@@ -59,7 +67,17 @@ METHODS = (
     "kmedoids",
     "dpcknn",
 )
-MODELS = ("flux", "sd3")
+# the current image transformers: (image tokens, text tokens) at a realistic size
+CURRENT = {
+    "qwenimage": (6889, 256),  # 1328x1328: 83x83 packed tokens; Qwen2.5-VL prompt
+    "zimage": (4096, 512),  # 1024x1024; Qwen3 caption (padded to a multiple of 32)
+    "flux2": (4096, 512),  # 1024x1024; Mistral text
+    "chroma": (4096, 512),  # 1024x1024; T5
+    "cogview4": (4096, 128),  # 1024x1024; GLM-4 text (padded to a multiple of 16)
+    "hidream": (4096, 128),  # 1024x1024; 128 T5 + 128 Llama + 128 Llama per block = 384
+    "sana": (1024, 300),  # 1024x1024 through the /32 DC-AE; Gemma-2 text
+}
+MODELS = ("flux", "sd3", *CURRENT)
 
 
 @dataclass(frozen=True)
@@ -67,10 +85,15 @@ class Config:
     method: str  # one of METHODS
     ratio: float
     metric_dim: int | None = None  # the patch option; None = cluster the tokens themselves
+    more: bool = False  # also the MLP (Sana: the cross-attention queries); else --merge_mlp
 
     @property
     def label(self) -> str:
-        return self.method + (f"@{self.metric_dim}" if self.metric_dim else "")
+        return (
+            self.method
+            + (f"@{self.metric_dim}" if self.metric_dim else "")
+            + ("+mlp" if self.more else "")
+        )
 
     def kernel_args(self) -> tuple[str, dict]:
         if self.method.startswith("atc-"):
@@ -83,17 +106,21 @@ class Config:
         method, opts = self.kernel_args()
         if method == "tome_sd":
             opts["seed"] = 0
+        if type(model).__name__.startswith("Sana"):  # a conv MLP: its cross-attention instead
+            opts["merge_crossattn"] = self.more or merge_mlp
+        else:
+            opts["merge_mlp"] = self.more or merge_mlp
         atc_patch.apply_patch(
-            model, method=method, ratio=self.ratio, merge_mlp=merge_mlp,
-            metric_dim=self.metric_dim,
-            **opts,
-        )  # fmt: skip
+            model, method=method, ratio=self.ratio, metric_dim=self.metric_dim, **opts
+        )
 
 
 def build(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, dict, int]:
     """The model, its inputs and its text length."""
     import diffusers
 
+    if kind in CURRENT:
+        return build_current(kind, a)
     name, kw = transformer_config("flux-width" if kind == "flux" else "sd3-width")
     if kind == "flux":
         kw.update(num_layers=a.double, num_single_layers=a.single)
@@ -108,12 +135,38 @@ def build(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, dict, int]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = getattr(diffusers, name)(**kw).eval().to(a.device)
-    side = int(round(a.tokens**0.5))
-    if side * side != a.tokens:
-        raise SystemExit(f"--tokens must be a square number, got {a.tokens}")
+    return model, square_inputs(model, a.tokens or 4096, text, a), text
+
+
+def build_current(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, dict, int]:
+    """A current image transformer at its real width, one block of each kind (``--width_div``
+    > 1: the tiny configuration), its inputs at ``--tokens`` (default: :data:`CURRENT`)."""
+    import diffusers
+
+    name, kw = transformer_config(f"tiny-{kind}" if a.width_div > 1 else f"{kind}-width")
+    tokens, text = CURRENT[kind]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(diffusers, name)(**kw).eval().to(a.device)
+    return model, square_inputs(model, a.tokens or tokens, text, a), text
+
+
+def square_inputs(model: torch.nn.Module, tokens: int, text: int, a: argparse.Namespace) -> dict:
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise SystemExit(f"--tokens must be a square number, got {tokens}")
     inputs = transformer_inputs(model, batch=a.batch, height=side, width=side, seq_len=text)
-    inputs = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    return model, inputs, text
+    return move(inputs, a.device)
+
+
+def move(tree, device: str):
+    if torch.is_tensor(tree):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: move(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(move(v, device) for v in tree)
+    return tree
 
 
 def timed(fn, device: str) -> float:
@@ -230,13 +283,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--double", type=int, default=2, help="Flux double-stream blocks")
     p.add_argument("--single", type=int, default=4, help="Flux single-stream blocks")
     p.add_argument("--sd3_layers", type=int, default=4, help="SD3 joint blocks")
-    p.add_argument("--tokens", type=int, default=4096, help="image tokens (a square number)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="image tokens, a square number (default: 4096; CURRENT per model)",
+    )
     p.add_argument("--text_flux", type=int, default=512, help="Flux text tokens (T5)")
     p.add_argument("--text_sd3", type=int, default=333, help="SD3 text tokens (CLIP + T5)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--merge_mlp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--mlp_too",
+        action="store_true",
+        help="also time every method with merge_mlp (Sana: merge_crossattn), '+mlp'",
+    )
     p.add_argument(
         "--metric_dim",
         type=int,
@@ -267,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     todo = [Config("unpatched", 0.0)] + [Config(m, r) for r in a.ratios for m in methods[1:]]
     if a.metric_dim:
         todo += [Config(m, r, a.metric_dim) for r in a.ratios for m in a.metric_methods]
+    if a.mlp_too:
+        todo += [dataclasses.replace(c, more=True) for c in todo[1:]]
 
     rows: list[dict] = []
     for kind in a.models:
@@ -275,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         rel: dict[Config, list[float]] = {c: [] for c in todo}
         model(**inputs)  # first call: page faults of fresh buffers, paid by no configuration
         per_round = len(todo) - 1 if a.paired else len(todo)
-        bar = tqdm(total=per_round * a.rounds, desc=f"{kind} N={a.tokens} T={text}")
+        n = a.tokens or CURRENT.get(kind, (4096,))[0]
+        bar = tqdm(total=per_round * a.rounds, desc=f"{kind} N={n} T={text}")
         unpatched = todo[0]
 
         measure = functools.partial(measure_config, model, inputs, a)
@@ -298,13 +364,13 @@ def main(argv: list[str] | None = None) -> None:
                 bar.update()
         bar.close()
         for c in todo:
-            rows.append(dict(model=kind, kind="step", method=c.label, ratio=c.ratio,
+            rows.append(dict(model=kind, kind="step", method=c.label, ratio=c.ratio, tokens=n,
                              step_s=round(statistics.median(times[c]), 3),
                              step_min_s=round(min(times[c]), 3), step_max_s=round(max(times[c]), 3),
                              vs_unpatched=round(statistics.median(rel[c]), 3),
                              vs_min=round(min(rel[c]), 3),
                              vs_max=round(max(rel[c]), 3)))  # fmt: skip
-        if not a.no_breakdown:
+        if not a.no_breakdown and kind not in CURRENT:
             rows += breakdown(model, inputs, kind, todo, a)
         del model
 
@@ -324,14 +390,14 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, a.out_dir / "dit_speed.png")
-    print(f"\nbatch {a.batch}, {a.tokens} image tokens, merge_mlp={a.merge_mlp}, "
+    print(f"\nbatch {a.batch}, {a.tokens or 'default'} image tokens, merge_mlp={a.merge_mlp}, "
           f"{torch.get_num_threads()} threads, device {a.device}, "
           f"{a.rounds} rounds")  # fmt: skip
-    print(f"{'model':<6}{'method':<14}{'ratio':>6}{'step s':>9}{'min-max s':>16}"
+    print(f"{'model':<10}{'method':<18}{'ratio':>6}{'step s':>9}{'min-max s':>16}"
           f"{'vs unpatched (min-max)':>25}{'vs tome_sd':>11}")  # fmt: skip
     for r in rows:
         if r["kind"] == "step":
-            print(f"{r['model']:<6}{r['method']:<14}{r['ratio']:>6}{r['step_s']:>9}"
+            print(f"{r['model']:<10}{r['method']:<18}{r['ratio']:>6}{r['step_s']:>9}"
                   f"{r['step_min_s']:>8}-{r['step_max_s']:<7}"
                   f"{r['vs_unpatched']:>10} ({r['vs_min']}-{r['vs_max']})"
                   f"{r['vs_tome_sd']!s:>11}")  # fmt: skip

@@ -3,12 +3,15 @@
     python benchmarks/gpu_model.py                              # every setup and row, H100
     python benchmarks/gpu_model.py --hardware h200 --per_merge_us 1.5
     python benchmarks/gpu_model.py --models sd15 --batches 2 --rows unpatched "atc triton"
+    python benchmarks/gpu_model.py --models qwenimage flux2 sana   # issue 22's image DiTs
 
 Every setup of ``_steps.SETUPS`` (SD-1.5 UNet at 512² and 1024², SDXL UNet at 1024², FLUX.1-dev
-transformer at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256) is built from its
-real configuration on the meta device (random init, bf16), patched as each row of
-``_steps.DIFFUSION_ROWS`` / ``VIT_ROWS`` says, and called once (``reuse_steps=k``: k calls with
-a moving timestep, averaged) under the roofline :class:`~_costmodel.CostModel`. Nothing runs on
+transformer at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256; with ``--models``
+naming them, ``_steps.CURRENT_SETUPS``: QwenImage, Z-Image, FLUX.2, Chroma, CogView4, HiDream,
+Sana) is built from its real configuration on the meta device (random init, bf16), patched as
+each row of ``_steps.DIFFUSION_ROWS`` / ``VIT_ROWS`` / ``CURRENT_ROWS`` says, and called once
+(``reuse_steps=k``: k calls with a moving timestep, averaged) under the roofline
+:class:`~_costmodel.CostModel`. Nothing runs on
 a GPU: every figure is **modelled**, from these rules and constants (all printed in the run's
 header and the CSV's ``source`` column):
 
@@ -51,6 +54,8 @@ from _clustercost import ClusterCalls, clustering_on_meta
 from _costmodel import PRESETS, CostModel, Hardware, Totals, to_device
 from _steps import (
     COLUMNS,
+    CURRENT_SETUPS,
+    CURRENT_TINY_SETUPS,
     FAMILIES,
     RECOMMENDED,
     SETUPS,
@@ -320,8 +325,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         nargs="+",
-        choices=sorted({s.model for s in SETUPS}),
-        help="setups of these models only",
+        choices=sorted({s.model for s in SETUPS + CURRENT_SETUPS}),
+        help="setups of these models only (issue 22's image transformers only when named)",
     )
     p.add_argument("--resolutions", nargs="+", type=int, help="setups at these sizes only")
     p.add_argument("--batches", nargs="+", type=int, help="setups at these batch sizes only")
@@ -339,9 +344,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     hw = hardware(args)
+    pool = TINY_SETUPS if args.tiny else SETUPS
+    if args.models:  # issue 22's image transformers when named
+        pool += CURRENT_TINY_SETUPS if args.tiny else CURRENT_SETUPS
     setups = [
         s
-        for s in (TINY_SETUPS if args.tiny else SETUPS)
+        for s in pool
         if (not args.models or s.model in args.models)
         and (not args.resolutions or s.resolution in args.resolutions)
         and (not args.batches or s.batch in args.batches)

@@ -40,4 +40,5 @@ def test_same_seed_same_weights_and_bad_kind() -> None:
         "tiny-sd3",
         "tiny-pixart",
         "tiny-dit",
+        "tiny-chroma",
     )

@@ -236,7 +236,31 @@ def _run_dit(model: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
     from atc_patch.testing import transformer_inputs
 
     plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its model's inputs
-    return model(**to_device(transformer_inputs(plain, batch=2, height=8, width=8), device)).sample
+    out = model(**to_device(transformer_inputs(plain, batch=2, height=8, width=8), device)).sample
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image: a list per image
+
+
+# The pipelines of the current image transformers, holding only the transformer (their text
+# encoders are multi-billion-parameter models; the record only needs the holder).
+PIPELINES = {
+    "tiny-qwenimage": "QwenImagePipeline",
+    "tiny-zimage": "ZImagePipeline",
+    "tiny-flux2": "Flux2Pipeline",
+    "tiny-chroma": "ChromaPipeline",
+    "tiny-cogview4": "CogView4Pipeline",
+    "tiny-hidream": "HiDreamImagePipeline",
+    "tiny-sana": "SanaPipeline",
+}
+
+
+def _pipeline_holding(root: torch.nn.Module, kind: str) -> Any:
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINES[kind])
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{n: None for n in list(params)[1:] if n != "transformer"}, transformer=root)
 
 
 def _adapter() -> torch.nn.Module:
@@ -366,6 +390,43 @@ CASES = [
         )  # fmt: skip
         for kind in ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
     ),
+    *(
+        Case(
+            kind,
+            "dit",
+            _dit(kind),
+            _run_dit,
+            holder=lambda t, k=kind: _pipeline_holding(t, k),
+            bad_at_apply={"blocks": (0, 99)},
+            **_DIFFUSION,
+        )  # fmt: skip
+        for kind in ("tiny-qwenimage", "tiny-zimage", "tiny-flux2", "tiny-chroma", "tiny-cogview4")
+    ),
+    Case(
+        "tiny-hidream",
+        "dit",
+        _dit("tiny-hidream"),
+        _run_dit,
+        holder=lambda t: _pipeline_holding(t, "tiny-hidream"),
+        bad_at_apply={"blocks": (0, 99)},
+        model_cannot={
+            w: "its MoE feed-forward counts tokens per expert on the host (bincount().cpu())"
+            for w in ("compile", "meta")
+        },
+        **_DIFFUSION,
+    ),  # fmt: skip
+    Case(
+        "tiny-sana",
+        "dit",
+        _dit("tiny-sana"),
+        _run_dit,
+        holder=lambda t: _pipeline_holding(t, "tiny-sana"),
+        bad_at_apply={"merge_mlp": True},  # a conv MLP: merged tokens have no grid
+        methods=DIFFUSION_METHODS,
+        reduce={"ratio": 0.5},
+        zero={"ratio": 0.0},
+        other={"ratio": 0.25, "merge_crossattn": True},
+    ),  # fmt: skip
     Case(
         "unet-gpu-options",
         "unet",

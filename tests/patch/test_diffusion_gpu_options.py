@@ -344,7 +344,7 @@ def test_kv_of_identical_tokens_is_exactly_the_unmerged_attention(image_first, w
         keep[..., n + t - 1 if image_first else t - 1] = False
         mask = keep
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    mode = kv.KVAttention(_pairs_plan(b, n), n + t, image_first)
+    mode = kv.KVAttention(_pairs_plan(b, n), n + t, 0 if image_first else t)
     with mode:
         got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         other = F.scaled_dot_product_attention(q[..., :3, :], k[..., :3, :], v[..., :3, :])

@@ -1,8 +1,9 @@
 """Random-init diffusion transformers: ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
 ``PixArtTransformer2DModel`` or ``DiTTransformer2DModel`` with a tiny configuration
 (``"tiny-flux"``, ``"tiny-sd3"``, ``"tiny-pixart"``, ``"tiny-dit"``: the real block types, a few
-channels) or the real width at reduced depth (``"flux-width"``, ``"sd3-width"``), and keyword
-inputs for one call::
+channels) or the real width at reduced depth (``"flux-width"``, ``"sd3-width"``); the current
+image transformers likewise (:mod:`.image_dits`: ``"tiny-qwenimage"``, ``"qwenimage-width"``,
+..., Z-Image, FLUX.2, Chroma, CogView4, HiDream, Sana); and keyword inputs for one call::
 
     model = build_transformer("tiny-flux")
     out = model(**transformer_inputs(model, batch=2, height=8, width=8)).sample  # (2, 64, 16)
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import image_dits
+
 TRANSFORMER_KINDS = (
     "tiny-flux",
     "tiny-sd3",
@@ -21,12 +24,16 @@ TRANSFORMER_KINDS = (
     "tiny-dit",
     "flux-width",  # FLUX.1's 3072 channels, 2 double + 4 single blocks
     "sd3-width",  # SD3-medium's 1536 channels, 4 joint blocks
+    *image_dits.KINDS,
 )
 
 
 def transformer_config(kind: str) -> tuple[str, dict[str, Any]]:
     """``(class name, keyword arguments)`` of the transformer of one of
     :data:`TRANSFORMER_KINDS`."""
+    found = image_dits.config(kind)
+    if found is not None:
+        return found
     if kind == "tiny-flux":
         return "FluxTransformer2DModel", dict(
             patch_size=1,
@@ -130,12 +137,15 @@ def transformer_inputs(
     width: int = 8,
     seq_len: int = 6,
     seed: int = 0,
+    refs: int = 0,
 ) -> dict[str, Any]:
     """Keyword inputs for ``model(**inputs)`` on an ``height x width`` grid of image tokens.
 
     Flux: packed latents ``(B, height * width, in_channels)`` with raster ``img_ids`` (each
     token a 2x2 latent patch, as ``FluxPipeline`` packs them). SD3 / PixArt / DiT: latents
-    ``(B, C, height * p, width * p)`` with ``p`` the patch size. Text: ``seq_len`` tokens.
+    ``(B, C, height * p, width * p)`` with ``p`` the patch size. Text: ``seq_len`` tokens. The
+    current image transformers: as their pipelines call them (:func:`.image_dits.inputs`;
+    ``refs`` reference images of the target's size for QwenImage-Edit and FLUX.2).
     """
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -144,6 +154,10 @@ def transformer_inputs(
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype)
+
+    current = image_dits.inputs(model, randn, batch, height, width, seq_len, refs)
+    if current is not None:
+        return current
 
     if name.startswith("Flux"):
         ids = torch.zeros(height, width, 3)

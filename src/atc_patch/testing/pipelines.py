@@ -17,7 +17,15 @@ import torch
 from .dit import build_transformer
 from .unet import build_unet
 
-PIPELINE_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
+PIPELINE_KINDS = (
+    "tiny-sd",
+    "tiny-sdxl",
+    "tiny-flux",
+    "tiny-sd3",
+    "tiny-pixart",
+    "tiny-dit",
+    "tiny-chroma",
+)
 
 
 def tiny_clip_tokenizer(model_max_length: int = 16):
@@ -86,8 +94,9 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
 
     ``"tiny-sd"``: ``StableDiffusionPipeline`` (SD 1.x layout, DDIM); ``"tiny-sdxl"``:
     ``StableDiffusionXLPipeline`` (two CLIP text encoders, pooled text and time ids);
-    ``"tiny-flux"`` / ``"tiny-sd3"`` / ``"tiny-pixart"`` / ``"tiny-dit"``: ``FluxPipeline``,
-    ``StableDiffusion3Pipeline``, ``PixArtAlphaPipeline``, ``DiTPipeline``. The T5 tokenizers
+    ``"tiny-flux"`` / ``"tiny-sd3"`` / ``"tiny-pixart"`` / ``"tiny-dit"`` / ``"tiny-chroma"``:
+    ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``PixArtAlphaPipeline``, ``DiTPipeline``,
+    ``ChromaPipeline``. The T5 tokenizers
     are stand-ins (:func:`tiny_clip_tokenizer`); DiT's classes are ``"class 0"`` ..
     ``"class 9"``. Images are 8x the latent size: ``height=width=128`` gives 16x16 latents.
     Pass :func:`tiny_pipeline_call_kwargs` to the call.
@@ -156,6 +165,14 @@ def _tiny_transformer_pipeline(diffusers: Any, kind: str, tok: Any, transformer:
             tokenizer_2=tiny_clip_tokenizer(model_max_length=16),
             transformer=transformer,
         )
+    if kind == "tiny-chroma":  # FLUX.1's layout; always passes a (text, image) attention mask
+        return diffusers.ChromaPipeline(
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=vae(),
+            text_encoder=_tiny_t5(tok),
+            tokenizer=tok,
+            transformer=transformer,
+        )
     if kind == "tiny-sd3":
         return diffusers.StableDiffusion3Pipeline(
             transformer=transformer,
@@ -186,7 +203,7 @@ def _tiny_transformer_pipeline(diffusers: Any, kind: str, tok: Any, transformer:
 
 def tiny_pipeline_call_kwargs(kind: str) -> dict[str, Any]:
     """Extra ``pipe(...)`` keyword arguments the tiny pipelines need (short text, no binning)."""
-    if kind in ("tiny-flux", "tiny-sd3"):
+    if kind in ("tiny-flux", "tiny-sd3", "tiny-chroma"):
         return dict(max_sequence_length=16)
     if kind == "tiny-pixart":
         return dict(max_sequence_length=16, use_resolution_binning=False, clean_caption=False)

@@ -7,7 +7,7 @@ call. :func:`patch` does the rest, through :mod:`.._override` only (every module
 class): each block gets a forward pre-hook / hook pair that makes it the running block of its
 call (its plan is made from its input tokens when a sublayer first needs it, or found in
 :mod:`.reuse`'s stores), each named sublayer's ``forward`` becomes :func:`~.merge.merge_around`
-(under ``merge="kv"`` the attention sublayers' :func:`~.kv.kv_around`), the root gets the
+(under ``merge="kv"`` an attention sublayer's becomes :func:`~.kv.kv_around`), the root gets the
 call's hooks::
 
     spec = BlockSpec(config, index=0, spans=(("attn1", Span(mask="keys")),))
@@ -35,9 +35,9 @@ from .core import (
     exit_call,
     unwrap_checkpointing,
 )
-from .merge import Span
+from .merge import JointMask, Rotary, Span
 
-__all__ = ["BlockSpec", "Call", "Span", "enter_call", "patch", "unpatch"]
+__all__ = ["BlockSpec", "Call", "JointMask", "Rotary", "Span", "enter_call", "patch", "unpatch"]
 
 
 def patch(
@@ -54,7 +54,7 @@ def patch(
             block.register_forward_pre_hook(functools.partial(enter_block, spec), with_kwargs=True),
         )
         _hook(block, block.register_forward_hook(exit_block, with_kwargs=True, always_call=True))
-        for name, forward, span in kv.sublayers(spec):
+        for name, forward, span in kv.sublayers(spec, block):
             override(getattr(block, name), "forward", forward, span, spec.index)
     _hook(root, root.register_forward_pre_hook(enter, with_kwargs=True))
     _hook(root, root.register_forward_hook(exit_call, with_kwargs=True, always_call=True))

@@ -53,8 +53,12 @@ class BlockSpec:
             block; seeds ``tome_sd``'s draws).
         spans: ``(sublayer attribute, Span)`` pairs of the sublayers that follow the plan.
         downsample: the block's latent stride (UNets; its grid is the call's latent grid / d).
-        prefix: ``(position, name)`` of the argument whose tokens lie, never merged, in front
-            of the image tokens inside the sublayers (Flux single-stream: the text).
+        text: where the block's text length comes from, for sublayers, position tables and
+            masks that put the text first (:class:`~.merge.Span` ``after_text``): ``(position,
+            name)`` of a block argument holding the text tokens (Flux), ``"call"`` (the call's
+            :attr:`Call.text`, for blocks whose text is already in their input), or ``None``.
+        joint_input: the block's ``hidden_states`` input is ``[text, image stream, ...]`` (Flux2
+            and Chroma single-stream blocks), not the image stream.
         store: the root's :class:`~.reuse.PlanStore` (``reuse_steps > 1``; set by ``patch``).
     """
 
@@ -62,7 +66,8 @@ class BlockSpec:
     index: int
     spans: tuple[tuple[str, Any], ...]
     downsample: int = 1
-    prefix: tuple[int, str] | None = None
+    text: tuple[int, str] | str | None = None
+    joint_input: bool = False
     store: Any = field(default=None, compare=False)
 
 
@@ -101,6 +106,12 @@ class Call:
         grid: ``grid(n, d) -> (h, w)``, the token grid of ``n`` tokens at latent stride ``d``;
             ``None`` when unknown (a block called on its own).
         timestep: the call's timestep (tensor or number), or ``None``.
+        text: the call's text tokens, for blocks whose text length is not an argument
+            (:attr:`BlockSpec.text` ``"call"``); ``None`` when unknown.
+        skip: image-stream tokens in front of the generated image's (prepended reference
+            images); they never merge.
+        count: the generated image's tokens; ``None``: every image-stream token from ``skip``
+            on (what follows them, e.g. appended reference images or padding, never merges).
         key: ``tome_sd``'s random key of the call, ``(1,)`` int64, made on first use.
         drawn: ``tome_sd``'s destinations drawn from a user generator, per block index.
         active: the running block.
@@ -111,6 +122,9 @@ class Call:
 
     grid: Grid | None
     timestep: Any
+    text: int | None = None
+    skip: int = 0
+    count: int | None = None
     key: Tensor | None = None
     drawn: dict[int, Tensor] = field(default_factory=dict)
     active: Active | None = None
@@ -134,14 +148,21 @@ class Call:
 @dataclass(eq=False)
 class Active:
     """The running block: its spec, its image tokens ``x`` ``(B, N, C)`` (the plan's metric),
-    the never-merged ``prefix`` length in its sublayers, and its plan once made."""
+    its ``text`` length and the call's ``skip``, and its plan once made."""
 
     spec: BlockSpec
     x: Tensor
-    prefix: int
+    text: int
+    skip: int
     call: Call
     plan: MergePlan | None = None
     planned: bool = False
+    once_done: bool = False  # a Span(once=True) sublayer has run in this block call
+
+    def start(self, after_text: bool) -> int:
+        """Where the image tokens begin in a sequence that starts with the image stream, or
+        (``after_text``) with the block's text."""
+        return (self.text if after_text else 0) + self.skip
 
 
 def enter_call(root: nn.Module, call: Call) -> None:
@@ -160,16 +181,35 @@ def exit_call(root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
 
 def enter_block(spec: BlockSpec, block: nn.Module, args: tuple, kwargs: dict) -> None:
     """A patched block's forward pre-hook: make it the running block of its call."""
-    x = args[0] if args else kwargs["hidden_states"]
-    prefix = 0
-    if spec.prefix is not None:
-        pos, name = spec.prefix
-        prefix = int((args[pos] if len(args) > pos else kwargs[name]).shape[1])
     call = _CALL.get()
     if call is None:  # called on its own: a call of its own
         call = Call(None, None, standalone=True)
         call.token = _CALL.set(call)
-    call.active = Active(spec, x, prefix, call)
+    x, text = image_tokens(spec, call, args, kwargs)
+    call.active = Active(spec, x, text, call.skip, call)
+
+
+def image_tokens(spec: BlockSpec, call: Call, args: tuple, kwargs: dict) -> tuple[Tensor, int]:
+    """The block's image tokens ``(B, N, C)`` in its ``hidden_states`` input, and its text
+    length (0 without text): the input is ``[text (joint_input), skip tokens, N image tokens,
+    ...]``."""
+    x = args[0] if args else kwargs["hidden_states"]
+    text = 0
+    if isinstance(spec.text, tuple):
+        pos, name = spec.text
+        text = int((args[pos] if len(args) > pos else kwargs[name]).shape[1])
+    elif spec.text == "call":
+        if call.text is None:
+            raise ValueError(
+                f"token merging: block {spec.index} takes its text length from its model's "
+                "call; run the model, not the block on its own"
+            )
+        text = call.text
+    begin = (text if spec.joint_input else 0) + call.skip
+    end = x.shape[1] if call.count is None else begin + call.count
+    if begin == 0 and end == x.shape[1]:
+        return x, text
+    return x[:, begin:end], text
 
 
 def exit_block(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -1,20 +1,19 @@
 """K/V merging (``merge="kv"``): attention keeps every query, the image keys and values become
 the cluster means of the block's plan, and each merged key's logit gets ``+ log(size)``.
 
-Under ``merge="kv"`` a sublayer that attends over the block's image tokens (a
-:class:`~.merge.Span` with ``mask="keys"``: self-attention, or ``mask="reject"``: joint
-text+image attention) gets :func:`kv_around` as its ``forward``; the other sublayers keep
-token merging (:func:`sublayers`: ``merge_crossattn``'s queries and ``merge_mlp``'s MLP, each
-unmerged right after it). :func:`kv_around` runs the sublayer as it is, and its
-``F.scaled_dot_product_attention`` call over its own tokens (queries and keys: a never-merged
-prefix, the image tokens and, in joint attention, the text) is answered by
-:class:`KVAttention`: the image part of ``key`` and ``value`` ``(B, H, S, D)`` is merged into
-``(B, H, M, D)`` cluster means (after the projections, norms and rotary embeddings, so a
-merged key is the mean of its members' rotated keys; the text keys stay as they are), and
-``log(size)`` is added to the merged keys' logits through an additive ``attn_mask`` (an
-existing mask is merged over the image keys by ``amax``). Nothing is unmerged or scattered
-afterwards: the output has a row per query. A cluster of ``n`` identical tokens gives exactly
-the unmerged attention (``n`` equal logits weigh as one logit plus ``log n``).
+Under ``merge="kv"`` every attention sublayer of a block (a spanned module with a diffusers
+attention ``processor``) gets :func:`kv_around` as its ``forward``; the other spans keep token
+merging (:func:`sublayers`: ``merge_mlp``'s MLP and the like, each unmerged right after it).
+:func:`kv_around` runs the sublayer as it is, and its ``F.scaled_dot_product_attention`` call
+over its own tokens (the text, in front of or after the image stream or in a separate stream,
+the image tokens, references or padding) is answered by :class:`KVAttention`: the image part of
+``key`` and ``value`` ``(B, H, S, D)`` is merged into ``(B, H, M, D)`` cluster means (after the
+projections, norms and rotary embeddings, so a merged key is the mean of its members' rotated
+keys; every other key stays as it is), and ``log(size)`` is added to the merged keys' logits
+through an additive ``attn_mask`` (an existing mask is merged over the image keys by
+``amax``). Nothing is unmerged or scattered afterwards: the output has a row per query. A
+cluster of ``n`` identical tokens gives exactly the unmerged attention (``n`` equal logits
+weigh as one logit plus ``log n``).
 
 This works with every attention processor that computes attention with torch's
 ``scaled_dot_product_attention``: diffusers' ``AttnProcessor2_0``, ``JointAttnProcessor2_0``,
@@ -22,7 +21,7 @@ This works with every attention processor that computes attention with torch's
 A sublayer whose attention goes elsewhere (xFormers, the flash / sage backends, the math
 ``AttnProcessor``) raises a ``ValueError`` naming it instead of running unmerged::
 
-    override(block.attn1, "forward", kv_around, Span(mask="keys"), index)
+    override(block.attn1, "forward", kv_around, Span(), index)
 """
 
 from __future__ import annotations
@@ -46,15 +45,18 @@ from .merge import Span, merge_around
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def sublayers(spec: core.BlockSpec) -> list[tuple[str, Callable[..., Any], Span]]:
-    """``(attribute, forward, span)`` of the sublayers of ``spec``: :func:`merge_around`, or
-    under ``merge="kv"`` :func:`kv_around` for attention over the image tokens (and the spans
-    that only carried merged outputs to a later unmerge then unmerge right away)."""
+def sublayers(
+    spec: core.BlockSpec, block: nn.Module
+) -> list[tuple[str, Callable[..., Any], Span]]:
+    """``(attribute, forward, span)`` of the sublayers of ``spec`` in ``block``:
+    :func:`merge_around`, or under ``merge="kv"`` :func:`kv_around` for the attention modules
+    (those with a diffusers attention ``processor``); the other spans then merge and unmerge
+    their own tokens (a span that only unmerged others' outputs has nothing left to do)."""
     if spec.config.merge != "kv":
         return [(name, merge_around, span) for name, span in spec.spans]
     out = []
     for name, span in spec.spans:
-        if span.mask in ("keys", "reject"):
+        if hasattr(getattr(block, name), "processor"):
             out.append((name, kv_around, span))
         elif span.merge_in:  # (a span that only unmerges others' outputs has nothing to do)
             out.append((name, merge_around, dataclasses.replace(span, unmerge_out=True)))
@@ -71,12 +73,14 @@ def kv_around(module: nn.Module, span: Span, index: int, *args: Any, **kwargs: A
         return forward(*args, **kwargs)
     x = args[0] if args else kwargs["hidden_states"]
     text = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-    b, n = plan.labels.shape[0], active.prefix + plan.num_in
-    if x.dim() != 3 or tuple(x.shape[:2]) != (b, n) or (span.mask == "keys" and text is not None):
-        _warn_unmerged(module, tuple(x.shape), (b, n))
+    b, n, start = plan.labels.shape[0], plan.num_in, active.start(span.after_text)
+    cross = span.mask == "keys" and text is not None
+    if x.dim() != 3 or x.shape[0] != b or x.shape[1] < start + n or cross:
+        _warn_unmerged(module, tuple(x.shape), (b, start + n))
         return forward(*args, **kwargs)
-    keys = n + (int(text.shape[1]) if text is not None else 0)
-    mode = KVAttention(plan, keys, span.image_keys == "first")
+    extra = int(text.shape[1]) if isinstance(text, Tensor) else 0  # a separate text stream
+    keys = int(x.shape[1]) + extra
+    mode = KVAttention(plan, keys, start + (extra if span.image_keys == "last" else 0))
     with mode:
         out = forward(*args, **kwargs)
     if not mode.hits:
@@ -97,16 +101,15 @@ class KVAttention(TorchFunctionMode):
 
     Args:
         plan: the block's plan over its ``N`` image tokens.
-        keys: the attention's sequence length (prefix + image tokens + text).
-        image_first: the image tokens are the first ``N`` keys (SD3's joint attention), not
-            the last ``N`` (Flux: text first; self-attention: the prefix first).
+        keys: the attention's sequence length (text, image stream and anything else).
+        start: where the ``N`` image tokens begin among the keys.
     """
 
-    def __init__(self, plan: MergePlan, keys: int, image_first: bool) -> None:
+    def __init__(self, plan: MergePlan, keys: int, start: int) -> None:
         super().__init__()
         self.plan = plan
         self.keys = keys
-        self.image_first = image_first
+        self.start = start
         self.hits = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -124,24 +127,24 @@ class KVAttention(TorchFunctionMode):
         if sdpa.get("is_causal"):
             raise ValueError("merge='kv' does not apply to causal attention")
         plan, q, k, v = self.plan, sdpa["query"], sdpa["key"], sdpa["value"]
-        n, s = plan.num_in, k.shape[-2]
-        image = slice(0, n) if self.image_first else slice(s - n, s)
-        rest = slice(n, s) if self.image_first else slice(0, s - n)
-        k_m, v_m = _merge_heads(plan, k[..., image, :]), _merge_heads(plan, v[..., image, :])
+        a, e, s = self.start, self.start + plan.num_in, k.shape[-2]
         wide = torch.float64 if q.dtype == torch.float64 else torch.float32
         bias = plan.sizes().to(wide).log().to(q.dtype)  # (B, M)
-        if s == n:  # self-attention without a prefix: the image tokens are every key
-            k, v = k_m, v_m
-        elif self.image_first:
-            k, v = torch.cat([k_m, k[..., rest, :]], -2), torch.cat([v_m, v[..., rest, :]], -2)
-            bias = torch.cat([bias, bias.new_zeros(bias.shape[0], s - n)], dim=-1)
-        else:
-            k, v = torch.cat([k[..., rest, :], k_m], -2), torch.cat([v[..., rest, :], v_m], -2)
-            bias = torch.cat([bias.new_zeros(bias.shape[0], s - n), bias], dim=-1)
-        mask = bias[:, None, None, :]  # (B, 1, 1, S - N + M)
+        k, v = (_around(t, a, e, _merge_heads(plan, t[..., a:e, :]), -2) for t in (k, v))
+        zeros = bias.new_zeros(bias.shape[0], s)
+        mask = _around(zeros, a, e, bias, -1)[:, None, None, :]  # (B, 1, 1, S - N + M)
         if sdpa.get("attn_mask") is not None:
-            mask = mask + _merge_mask(plan, sdpa["attn_mask"], image, rest, q.dtype, self)
+            mask = mask + _merge_mask(plan, sdpa["attn_mask"], a, e, q.dtype)
         return dict(sdpa, key=k, value=v, attn_mask=mask, is_causal=False)
+
+
+def _around(x: Tensor, a: int, e: int, middle: Tensor, dim: int) -> Tensor:
+    """``x`` with its entries ``a:e`` along ``dim`` replaced by ``middle`` (no copy if they
+    are all of ``x``)."""
+    if a == 0 and e == x.shape[dim]:
+        return middle
+    parts = [x.narrow(dim, 0, a), middle, x.narrow(dim, e, x.shape[dim] - e)]
+    return torch.cat([p for p in parts if p.shape[dim]], dim)
 
 
 def _merge_heads(plan: MergePlan, x: Tensor) -> Tensor:
@@ -152,9 +155,7 @@ def _merge_heads(plan: MergePlan, x: Tensor) -> Tensor:
     return plan.merge(flat).view(b, plan.num_out, h, d).transpose(1, 2)
 
 
-def _merge_mask(
-    plan: MergePlan, mask: Tensor, image: slice, rest: slice, dtype: torch.dtype, kv: KVAttention
-) -> Tensor:
+def _merge_mask(plan: MergePlan, mask: Tensor, a: int, e: int, dtype: torch.dtype) -> Tensor:
     """An attention mask ``(..., S)`` (bool or additive, broadcastable to ``(B, H, Sq, S)``) as
     an additive mask over the merged keys: the image columns reduced by ``amax`` per cluster
     (a merged key is as visible as its most visible token)."""
@@ -164,12 +165,11 @@ def _merge_mask(
         )
     b = plan.labels.shape[0]
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(b, -1, -1, -1)
-    part = mask[..., image]
+    part = mask[..., a:e]
     lead = part.shape[1:3]
     flat = part.reshape(b, -1, plan.num_in).transpose(1, 2)  # (B, N, H' * Sq')
     merged = plan.merge(flat, mode="amax").transpose(1, 2).reshape(b, *lead, plan.num_out)
-    other = mask[..., rest]
-    return torch.cat([merged, other] if kv.image_first else [other, merged], dim=-1)
+    return _around(mask, a, e, merged, -1)
 
 
 def _warn_unmerged(module: nn.Module, got: tuple[int, ...], want: tuple[int, int]) -> None:
