@@ -486,8 +486,6 @@ class CostModel:
         outs = [t for t in _tensors(out) if t.is_meta]
         if not outs or any(t.numel() > self.shadow_limit for t in outs):
             return
-        if func.overloadpacket.__name__ in _UNINITIALISED:  # no values to know (e.g. shape-only
-            return  # plans' labels): a shadow would be whatever memory the CPU op returned
         if not metas_in:
             device = kwargs.get("device")
             seeded = torch.Tag.nondeterministic_seeded in func.tags
@@ -500,6 +498,8 @@ class CostModel:
         shadowed = self._shadow_args((args, kwargs))
         with torch.no_grad():
             values = _tensors(func(*shadowed[0], **shadowed[1]))
+        if func.overloadpacket.__name__ in _UNINITIALISED:  # zeros, not whatever memory the CPU
+            values = [torch.zeros_like(v) for v in values]  # op returned (e.g. plans' labels)
         for t, v in zip(_tensors(out), values, strict=False):
             if t.is_meta and v.shape == t.shape:
                 self.shadows[t] = v

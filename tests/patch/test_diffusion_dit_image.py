@@ -363,6 +363,18 @@ def test_zimage_refuses_batches_of_mixed_sizes():
         model(**inputs)  # the unpatched model takes them
 
 
+def test_a_single_stream_block_on_its_own_needs_its_models_call():
+    """FLUX.2's single-stream blocks get [text, image] with no text length: called outside the
+    model they raise, and leave no call behind."""
+    model = model_of("tiny-flux2")
+    atc_patch.apply_patch(model, "atc", ratio=0.5)
+    block = transformer_blocks(model)[2]
+    with pytest.raises(ValueError, match="model's call"):
+        block(torch.randn(1, 30, 32), None, torch.randn(1, 1, 96))
+    assert core._CALL.get() is None
+    assert run(model, inputs_of(model, batch=1)).shape == (1, 24, 16)
+
+
 def test_flux2_kv_cache_needs_a_batch_of_one():
     model = model_of("tiny-flux2")
     atc_patch.apply_patch(model, "atc", ratio=0.5)
