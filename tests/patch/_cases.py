@@ -250,6 +250,7 @@ PIPELINES = {
     "tiny-cogview4": "CogView4Pipeline",
     "tiny-hidream": "HiDreamImagePipeline",
     "tiny-sana": "SanaPipeline",
+    "tiny-wan": "WanPipeline",
 }
 
 
@@ -304,6 +305,24 @@ _DIFFUSION_GPU = dict(
     other={"ratio": 0.25, "merge_mlp": True, "plan_scope": "resolution"},
     extra={m: {"tile": (4, 4)} for m in DIFFUSION_METHODS if m != "tome_sd"},
 )
+
+
+def _run_video_i2v(model: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
+    """A video transformer on 3 frames of 4 x 4 tokens, the first an image-to-video
+    conditioning frame (a per-token timestep, 0 on it)."""
+    from atc_patch.testing import transformer_inputs
+
+    plain = getattr(model, "_orig_mod", model)
+    inputs = transformer_inputs(plain, batch=2, height=4, width=4, frames=3, i2v=True)
+    return model(**to_device(inputs, device)).sample
+
+
+# Video transformers: 3-D windows for tome_sd, (tt, th, tw) tiles for the others.
+_VIDEO_GPU = dict(
+    _DIFFUSION_GPU,
+    extra={m: {"tile": (2, 4, 4)} if m != "tome_sd" else {"st": 2} for m in DIFFUSION_METHODS},
+)
+
 
 CASES = [
     Case(
@@ -442,6 +461,34 @@ CASES = [
         _run_dit,
         bad_at_apply={"blocks": (0, 99)},
         **_DIFFUSION_GPU,
+    ),  # fmt: skip
+    Case(
+        "tiny-wan",
+        "dit",
+        _dit("tiny-wan"),
+        _run_dit,
+        holder=lambda t: _pipeline_holding(t, "tiny-wan"),
+        bad_at_apply={"blocks": (0, 99)},
+        methods=DIFFUSION_METHODS,
+        reduce={"ratio": 0.5},
+        zero={"ratio": 0.0},
+        other={"ratio": 0.25, "merge_mlp": True, "merge_crossattn": True},
+    ),  # fmt: skip
+    Case(
+        "tiny-wan-ti2v",
+        "dit",
+        _dit("tiny-wan"),
+        _run_video_i2v,
+        bad_at_apply={"blocks": (0, 99)},
+        **_DIFFUSION,
+    ),  # fmt: skip
+    Case(
+        "tiny-wan-gpu-options",
+        "dit",
+        _dit("tiny-wan"),
+        _run_dit,
+        bad_at_apply={"blocks": (0, 99)},
+        **_VIDEO_GPU,
     ),  # fmt: skip
     Case(
         "vit-adapter",

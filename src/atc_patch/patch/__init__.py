@@ -15,8 +15,9 @@ The family contract. Each family is a module with:
 * ``remove(root)``: undo ``apply`` exactly, including a partial ``apply`` that raised.
 
 Written once, here: dispatch, config resolution, the record (a :class:`~.config.PatchInfo`
-on the root only, so a model and what holds it always agree) and the rule that a failed
-``apply_patch`` leaves the model exactly as it was::
+on the root only, so a model and what holds it always agree), a pipeline holding several roots
+(every one is patched and unpatched alike) and the rule that a failed ``apply_patch`` leaves
+the model exactly as it was::
 
     apply_patch(pipe, "atc", ratio=0.5)      # records on pipe.unet
     patch_settings(pipe.unet)                # the same record, through either object
@@ -86,6 +87,21 @@ def find_family(model: Any) -> tuple[ModuleType, nn.Module]:
     )
 
 
+def find_roots(model: Any) -> tuple[ModuleType, list[nn.Module]]:
+    """The family that patches ``model`` and every root it patches there: the one
+    :func:`find_family` finds and, when ``model`` holds it in a diffusers pipeline, every other
+    component that is a root of the same family (Wan 2.2 A14B's ``transformer_2``, used for the
+    low-noise steps), in component order."""
+    fam, root = find_family(model)
+    roots = [root]
+    components = getattr(model, "components", None) if root is not model else None
+    for part in (components or {}).values() if isinstance(components, dict) else ():
+        if isinstance(part, nn.Module) and all(part is not r for r in roots):
+            if fam.root_of(part) is part:
+                roots.append(part)
+    return fam, roots
+
+
 def find_patch_info(model: Any) -> PatchInfo | None:
     """The patch record of ``model``, or of the part of it that was patched; ``None`` if none."""
     try:
@@ -150,19 +166,23 @@ def apply_patch(
             of another kind's option), a bad value, or settings that reduce nothing where that
             cannot be meant.
     """
-    fam, root = find_family(model)
+    fam, roots = find_roots(model)
     cfg = _config(fam, method, config, options)
-    previous = vars(root).get(RECORD_ATTR)
-    if previous is not None:
-        _unpatch(fam, root)
+    done: list[tuple[nn.Module, PatchInfo | None]] = []  # (root, its record before)
     try:
-        info = _apply(fam, root, cfg)
+        for root in roots:
+            previous = vars(root).get(RECORD_ATTR)
+            if previous is not None:
+                _unpatch(fam, root)
+            done.append((root, previous))
+            info = _apply(fam, root, cfg)
+            object.__setattr__(root, RECORD_ATTR, info)  # not registered as a submodule
     except BaseException:
-        fam.remove(root)
-        if previous is not None:  # back to the settings it had
-            object.__setattr__(root, RECORD_ATTR, _apply(fam, root, previous.config))
+        for root, previous in reversed(done):
+            _unpatch(fam, root)
+            if previous is not None:  # back to the settings it had
+                object.__setattr__(root, RECORD_ATTR, _apply(fam, root, previous.config))
         raise
-    object.__setattr__(root, RECORD_ATTR, info)  # not registered as a submodule or buffer
     return model
 
 
@@ -182,11 +202,12 @@ def remove_patch(model: Any) -> Any:
         ``model`` itself, with its original forwards (bit-identical outputs).
     """
     try:
-        fam, root = find_family(model)
+        fam, roots = find_roots(model)
     except TypeError:
         return model
-    if RECORD_ATTR in vars(root):
-        _unpatch(fam, root)
+    for root in roots:
+        if RECORD_ATTR in vars(root):
+            _unpatch(fam, root)
     return model
 
 
@@ -219,6 +240,7 @@ __all__ = [
     "apply_patch",
     "find_family",
     "find_patch_info",
+    "find_roots",
     "patch_config",
     "patch_settings",
     "remove_patch",

@@ -47,8 +47,8 @@ HINTS: dict[str, dict[str, str]] = {
         "max_downsample": "max_downsample is a diffusion-model option",
         "blocks": "a ViT chooses blocks with keep_rate and reduction_loc",
         **{
-            k: "sx/sy/use_rand/seed/generator belong to method='tome_sd' on diffusion models"
-            for k in ("sx", "sy", "use_rand", "seed", "generator")
+            k: "sx/sy/st/use_rand/seed/generator belong to method='tome_sd' on diffusion models"
+            for k in ("sx", "sy", "st", "use_rand", "seed", "generator")
         },
         "reduction_ratio": "reduction_ratio is the ViT-Adapter's option; a ViT takes keep_rate "
         "(with reduction_loc) or r",
@@ -294,12 +294,15 @@ class DiffusionConfig(PatchConfig):
         backend: ATC only: the kernel backend, one of :data:`~atc_patch.kernel.BACKENDS`.
         sx, sy, use_rand: ToMe-SD only: one destination per ``sy x sx`` window, drawn at
             random (``use_rand``) or top-left.
+        st: ToMe-SD on video transformers only: the window's frames (``st x sy x sx`` windows
+            on the ``frames x height x width`` token grid); ``None``: 1 (one frame).
         seed: ToMe-SD only: seeds the random draws per call (default: drawn, without
             advancing it, from the global torch RNG when the config is made).
         generator: ToMe-SD only, instead of ``seed``: draw from this ``torch.Generator``.
-        tile: ``(th, tw)`` in token-grid units: cluster inside local tiles (ragged edge tiles
-            allowed; ``r`` split over tiles by shape, see :mod:`atc_patch.kernel.tiles`);
-            ``None``: the whole image. Not with ``tome_sd``, local already.
+        tile: ``(th, tw)`` in token-grid units (video transformers: ``(tt, th, tw)``, frames
+            first): cluster inside local tiles (ragged edge tiles allowed; ``r`` split over
+            tiles by shape, see :mod:`atc_patch.kernel.tiles`); ``None``: the whole image.
+            Not with ``tome_sd``, local already.
         plan_scope: ``"block"`` (a plan per patched block) or ``"resolution"`` (one plan per
             token resolution per model call, made at the first patched block of it).
         reuse_steps: keep the plans for this many consecutive model calls (denoising steps;
@@ -315,7 +318,7 @@ class DiffusionConfig(PatchConfig):
     METHODS: ClassVar[tuple[str, ...]] = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
     METHOD_ONLY: ClassVar[dict[str, tuple[str, ...]]] = {
         "atc": ("linkage", "backend"),
-        "tome_sd": ("sx", "sy", "use_rand", "seed", "generator"),
+        "tome_sd": ("sx", "sy", "st", "use_rand", "seed", "generator"),
     }
 
     ratio: float = 0.5
@@ -329,10 +332,11 @@ class DiffusionConfig(PatchConfig):
     backend: str = "auto"
     sx: int = 2
     sy: int = 2
+    st: int | None = None
     use_rand: bool = True
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False)
-    tile: tuple[int, int] | None = None
+    tile: tuple[int, ...] | None = None
     plan_scope: str = "block"
     reuse_steps: int = 1
     merge: str = "tokens"
@@ -366,15 +370,17 @@ class DiffusionConfig(PatchConfig):
             backend=_backend(method, self.backend),
             sx=as_int("sx", self.sx, minimum=1),
             sy=as_int("sy", self.sy, minimum=1),
+            st=_optional_int("st", self.st, 1),
             use_rand=as_bool("use_rand", self.use_rand),
         )
         self._gpu_options(method)
         if method != "tome_sd":
             return
-        if self.sx * self.sy == 1:
+        if self.sx * self.sy * (self.st or 1) == 1:
             raise ValueError(
                 "method='tome_sd' with sx=sy=1 merges nothing: every token is the destination "
-                "of its own 1x1 window. Use windows of at least 2 tokens (the default 2x2)."
+                "of its own 1x1 window (st=1: one frame). Use windows of at least 2 tokens (the "
+                "default 2x2)."
             )
         gen = self.generator
         if gen is not None and not isinstance(gen, torch.Generator):
@@ -392,8 +398,11 @@ class DiffusionConfig(PatchConfig):
         tile = self.tile
         if tile is not None:
             tile = as_int_list("tile", tile, minimum=1)
-            if len(tile) != 2:
-                raise ValueError(f"tile must be (th, tw) in token-grid units, got {self.tile!r}")
+            if len(tile) not in (2, 3):
+                raise ValueError(
+                    "tile must be (th, tw) in token-grid units, or (tt, th, tw) for a video "
+                    f"transformer's frames x height x width, got {self.tile!r}"
+                )
             if method == "tome_sd":
                 raise ValueError(
                     "tile does not apply to method='tome_sd': it is local already (one "

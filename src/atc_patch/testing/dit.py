@@ -3,7 +3,8 @@
 (``"tiny-flux"``, ``"tiny-sd3"``, ``"tiny-pixart"``, ``"tiny-dit"``: the real block types, a few
 channels) or the real width at reduced depth (``"flux-width"``, ``"sd3-width"``); the current
 image transformers likewise (:mod:`.image_dits`: ``"tiny-qwenimage"``, ``"qwenimage-width"``,
-..., Z-Image, FLUX.2, Chroma, CogView4, HiDream, Sana); and keyword inputs for one call::
+..., Z-Image, FLUX.2, Chroma, CogView4, HiDream, Sana) and the video transformers
+(:mod:`.video_dits`: ``"tiny-wan"``, ``"wan-width"``, ...); and keyword inputs for one call::
 
     model = build_transformer("tiny-flux")
     out = model(**transformer_inputs(model, batch=2, height=8, width=8)).sample  # (2, 64, 16)
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import image_dits
+from . import image_dits, video_dits
 
 TRANSFORMER_KINDS = (
     "tiny-flux",
@@ -25,13 +26,14 @@ TRANSFORMER_KINDS = (
     "flux-width",  # FLUX.1's 3072 channels, 2 double + 4 single blocks
     "sd3-width",  # SD3-medium's 1536 channels, 4 joint blocks
     *image_dits.KINDS,
+    *video_dits.KINDS,
 )
 
 
 def transformer_config(kind: str) -> tuple[str, dict[str, Any]]:
     """``(class name, keyword arguments)`` of the transformer of one of
     :data:`TRANSFORMER_KINDS`."""
-    found = image_dits.config(kind)
+    found = image_dits.config(kind) or video_dits.config(kind)
     if found is not None:
         return found
     if kind == "tiny-flux":
@@ -138,6 +140,8 @@ def transformer_inputs(
     seq_len: int = 6,
     seed: int = 0,
     refs: int = 0,
+    frames: int = 3,
+    i2v: bool = False,
 ) -> dict[str, Any]:
     """Keyword inputs for ``model(**inputs)`` on an ``height x width`` grid of image tokens.
 
@@ -145,7 +149,9 @@ def transformer_inputs(
     token a 2x2 latent patch, as ``FluxPipeline`` packs them). SD3 / PixArt / DiT: latents
     ``(B, C, height * p, width * p)`` with ``p`` the patch size. Text: ``seq_len`` tokens. The
     current image transformers: as their pipelines call them (:func:`.image_dits.inputs`;
-    ``refs`` reference images of the target's size for QwenImage-Edit and FLUX.2).
+    ``refs`` reference images of the target's size for QwenImage-Edit and FLUX.2). The video
+    transformers: ``frames`` latent frames of ``height x width`` tokens (``i2v``: the first
+    one an image-to-video conditioning frame; :func:`.video_dits.inputs`).
     """
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -158,6 +164,9 @@ def transformer_inputs(
     current = image_dits.inputs(model, randn, batch, height, width, seq_len, refs)
     if current is not None:
         return current
+    video = video_dits.inputs(model, randn, batch, frames, height, width, seq_len, i2v)
+    if video is not None:
+        return video
 
     if name.startswith("Flux"):
         ids = torch.zeros(height, width, 3)

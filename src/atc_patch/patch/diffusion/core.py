@@ -40,7 +40,8 @@ from ..config import DiffusionConfig
 from . import reuse
 
 CKPT_ATTR = "_gradient_checkpointing_func"  # diffusers' per-module checkpoint function
-Grid = Callable[[int, int], tuple[int, int]]  # (tokens, latent stride) -> (h, w)
+# (tokens, latent stride) -> (h, w), or (t, h, w) for a video's frames x height x width
+Grid = Callable[[int, int], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,14 @@ class Call:
     """One forward call of a patched root.
 
     Attributes:
-        grid: ``grid(n, d) -> (h, w)``, the token grid of ``n`` tokens at latent stride ``d``;
-            ``None`` when unknown (a block called on its own).
+        grid: ``grid(n, d) -> (h, w)`` (an image) or ``(t, h, w)`` (a video), the raster token
+            grid of ``n`` tokens at latent stride ``d``; ``None`` when unknown (a block called
+            on its own).
         timestep: the call's timestep (tensor or number), or ``None``.
         text: the call's text tokens, for blocks whose text length is not an argument
             (:attr:`BlockSpec.text` ``"call"``); ``None`` when unknown.
         skip: image-stream tokens in front of the generated image's (prepended reference
-            images); they never merge.
+            images, a video's conditioning first frame); they never merge.
         count: the generated image's tokens; ``None``: every image-stream token from ``skip``
             on (what follows them, e.g. appended reference images or padding, never merges).
         key: ``tome_sd``'s random key of the call, ``(1,)`` int64, made on first use.
@@ -133,7 +135,7 @@ class Call:
     plans: dict[tuple, MergePlan | None] = field(default_factory=dict)
     counted: bool = False
 
-    def grid_of(self, n: int, downsample: int) -> tuple[int, int]:
+    def grid_of(self, n: int, downsample: int) -> tuple[int, ...]:
         if self.grid is not None:
             return self.grid(n, downsample)
         side = math.isqrt(n)
@@ -163,6 +165,24 @@ class Active:
         """Where the image tokens begin in a sequence that starts with the image stream, or
         (``after_text``) with the block's text."""
         return (self.text if after_text else 0) + self.skip
+
+
+def check_grid_options(config: DiffusionConfig, video: bool, what: str) -> None:
+    """Reject the 3-D options on a model with an image's ``(h, w)`` token grid (``st``, a
+    3-D ``tile``) and a 2-D ``tile`` on a video's ``(t, h, w)`` grid."""
+    tile = config.tile
+    if not video and config.st is not None:
+        raise ValueError(
+            f"st={config.st} sets how many frames a tome_sd window spans on a video "
+            f"transformer's frames x height x width grid; {what} has an image's (h, w) token "
+            "grid: leave st unset and use sx/sy"
+        )
+    if tile is not None and len(tile) != (3 if video else 2):
+        want = "(tt, th, tw): frames, height, width" if video else "(th, tw)"
+        raise ValueError(
+            f"tile={tile} does not fit {what}'s {'(t, h, w)' if video else '(h, w)'} token "
+            f"grid: give {want}"
+        )
 
 
 def enter_call(root: nn.Module, call: Call) -> None:
@@ -254,29 +274,34 @@ def _plan(call: Call, spec: BlockSpec, x: Tensor) -> MergePlan | None:
     if cfg.metric_dim is not None and cfg.metric_dim < c:
         metric = metric @ metric_projection(c, cfg.metric_dim, metric)
     if cfg.method == "tome_sd":
-        h, w = call.grid_of(n, spec.downsample)
-        windows = (h // cfg.sy, w // cfg.sx)
+        grid = call.grid_of(n, spec.downsample)
+        window = (cfg.st or 1, cfg.sy, cfg.sx)[3 - len(grid) :]
+        shape = _window_text(window)
+        windows = tuple(g // s for g, s in zip(grid, window, strict=True))
         if 0 in windows:
             _warn(
-                f"method='tome_sd': a block at downsample {spec.downsample} has a {h}x{w} "
-                f"token grid, smaller than one sy x sx = {cfg.sy}x{cfg.sx} window, so it "
-                "merges nothing (use smaller sx/sy, larger latents or a smaller max_downsample)"
+                f"method='tome_sd': a block at downsample {spec.downsample} has a "
+                f"{'x'.join(map(str, grid))} token grid, smaller than one {shape} window, so it "
+                "merges nothing (use smaller sx/sy/st, larger latents or a smaller max_downsample)"
             )
             return None
-        cap = n - windows[0] * windows[1]
-        _warn_capped(cfg, r, n, cap, f"ToMe-SD keeps one destination per {cfg.sy}x{cfg.sx} window")
+        cap = n - math.prod(windows)
+        _warn_capped(cfg, r, n, cap, f"ToMe-SD keeps one destination per {shape} window")
         # tomesd: an odd batch cannot be a CFG pair, and shared random draws give artifacts.
         rand = cfg.use_rand and b % 2 == 0
         pick = picks(call, cfg, spec.index, windows, x.device) if rand else None
+        st = cfg.st if len(grid) == 3 else None
         plan = cluster_tokens(
-            metric, r, "tome_sd", h=h, w=w, sx=cfg.sx, sy=cfg.sy, no_rand=not rand, pick=pick
-        )
+            metric, r, "tome_sd", grid=grid, sx=cfg.sx, sy=cfg.sy, st=st, no_rand=not rand,
+            pick=pick,
+        )  # fmt: skip
     else:
         tiles = {}
         if cfg.tile is not None:
             tiles = {"grid": _tile_grid(call, spec, n), "tile": cfg.tile}
             cap = max_reduction(cfg.method, n, **tiles)
-            _warn_capped(cfg, r, n, cap, f"each {cfg.tile[0]}x{cfg.tile[1]} tile keeps a token")
+            shape = "x".join(map(str, cfg.tile))
+            _warn_capped(cfg, r, n, cap, f"each {shape} tile keeps a token")
         elif cfg.method == "tome":
             cap = max_reduction("tome", n)
             _warn_capped(cfg, r, n, cap, "ToMe merges one half of the tokens into the other")
@@ -285,15 +310,31 @@ def _plan(call: Call, spec: BlockSpec, x: Tensor) -> MergePlan | None:
     return None if plan.is_identity else plan
 
 
-def _tile_grid(call: Call, spec: BlockSpec, n: int) -> tuple[int, int]:
-    """The ``(h, w)`` token grid that ``tile`` cuts (the family's, as ``tome_sd``'s)."""
+def _window_text(window: tuple[int, ...]) -> str:
+    """``"sy x sx = 2x2"`` / ``"st x sy x sx = 1x2x2"``."""
+    names = ("st", "sy", "sx")[3 - len(window) :]
+    return " x ".join(names) + " = " + "x".join(map(str, window))
+
+
+def _tile_grid(call: Call, spec: BlockSpec, n: int) -> tuple[int, ...]:
+    """The ``(h, w)`` / ``(t, h, w)`` token grid that ``tile`` cuts (the family's, as
+    ``tome_sd``'s); ``tile`` must have one size per grid axis."""
     try:
-        return call.grid_of(n, spec.downsample)
+        grid = call.grid_of(n, spec.downsample)
     except ValueError as err:
         raise ValueError(
             f"tile={spec.config.tile} clusters inside tiles of the token grid, which cannot be "
             f"found here ({err}); use tile=None"
         ) from None
+    if len(grid) != len(spec.config.tile):
+        want = (
+            "(tt, th, tw) for a video's frames x height x width" if len(grid) == 3 else "(th, tw)"
+        )
+        raise ValueError(
+            f"tile={spec.config.tile} does not fit this call's {len(grid)}-D token grid "
+            f"{grid}: give {want}"
+        )
+    return grid
 
 
 def _warn(message: str) -> None:
@@ -338,22 +379,23 @@ def call_key(call: Call, cfg: DiffusionConfig, device: torch.device) -> Tensor:
 
 
 def picks(
-    call: Call, cfg: DiffusionConfig, index: int, windows: tuple[int, int], device: torch.device
+    call: Call, cfg: DiffusionConfig, index: int, windows: tuple[int, ...], device: torch.device
 ) -> Tensor:
-    """The destination of every window of block ``index``: ``(h // sy, w // sx)`` int64 in
-    ``[0, sy * sx)``, a hash of the call's key, the block and the window; or, with a user
-    ``generator``, drawn from it as ``tomesd`` does (once per block and call)."""
+    """The destination of every window of block ``index``: ``(h // sy, w // sx)`` (a video:
+    ``(t // st, h // sy, w // sx)``) int64 in ``[0, window size)``, a hash of the call's key,
+    the block and the window; or, with a user ``generator``, drawn from it as ``tomesd`` does
+    (once per block and call)."""
+    size = cfg.sx * cfg.sy * ((cfg.st or 1) if len(windows) == 3 else 1)
     gen = cfg.generator
     if gen is not None:
         drawn = call.drawn.get(index)
         if drawn is None:
-            size = (*windows, 1)
-            drawn = torch.randint(cfg.sx * cfg.sy, size, generator=gen, device=gen.device)
+            drawn = torch.randint(size, (*windows, 1), generator=gen, device=gen.device)
             drawn = call.drawn[index] = drawn.to(device)
         return drawn.view(windows)
     key = _mix(call_key(call, cfg, device) ^ _mix(index + 1))
-    j = torch.arange(windows[0] * windows[1], device=device)
-    return (_mix((key + j) & _M32) % (cfg.sx * cfg.sy)).view(windows)
+    j = torch.arange(math.prod(windows), device=device)
+    return (_mix((key + j) & _M32) % size).view(windows)
 
 
 _PROJECTIONS: dict[tuple[int, int, str, torch.dtype], Tensor] = {}

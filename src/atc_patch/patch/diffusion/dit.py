@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import DiffusionConfig
 from . import BlockSpec, enter_call, patch, unpatch
+from .core import check_grid_options
 from .dit_models import MODELS, Args, Blocks, Model
 
 NAME = "dit"
@@ -32,7 +33,9 @@ UNUSED = {
 
 
 def root_of(model: Any) -> nn.Module | None:
-    """``model`` if it is one of :data:`~.dit_models.MODELS`, or a pipeline's ``.transformer``."""
+    """``model`` if it is one of :data:`~.dit_models.MODELS`, or a pipeline's ``.transformer``
+    (a pipeline's other transformers, e.g. Wan 2.2's ``transformer_2``, are found by
+    :func:`~atc_patch.patch.find_roots`)."""
     if "diffusers" not in sys.modules:
         return None
     import diffusers
@@ -84,10 +87,14 @@ def apply(root: nn.Module, config: DiffusionConfig) -> dict[str, Any]:
 
 def _check(name: str, model: Model, config: DiffusionConfig) -> None:
     if config.merge_crossattn and not model.cross_attention:
-        raise ValueError(
-            f"merge_crossattn applies to PixArt and Sana (cross-attention to text), not {name}: "
-            "its text enters through joint attention (merge_attn) or adaLN conditioning"
+        crossed = ", ".join(
+            n.split("Transformer")[0] for n, m in MODELS.items() if m.cross_attention
         )
+        raise ValueError(
+            f"merge_crossattn applies to {crossed} (cross-attention to text), not {name}: its "
+            "text enters through joint attention (merge_attn) or adaLN conditioning"
+        )
+    check_grid_options(config, model.video, name)
     if config.merge_mlp and model.no_mlp:
         raise ValueError(f"merge_mlp=True cannot apply to {name}: {model.no_mlp}")
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import DiffusionConfig
 from . import BlockSpec, Call, Span, enter_call, patch, unpatch
+from .core import check_grid_options
 
 NAME = "unet"
 CONFIG = DiffusionConfig
@@ -60,6 +61,7 @@ def transformer_blocks(unet: nn.Module) -> list[tuple[int, nn.Module]]:
 def apply(unet: nn.Module, config: DiffusionConfig) -> dict[str, Any]:
     """Patch the blocks at latent strides ``<= max_downsample``; report their number and the
     stride limit in use."""
+    check_grid_options(config, False, "a UNet")
     blocks = transformer_blocks(unet)
     levels = sorted({d for d, _ in blocks})
     if not levels:

@@ -37,11 +37,15 @@ class Args:
 
     names: tuple[str, ...]
     patch: int = 1  # the model's spatial patch size (latent pixels per token side)
+    patch_t: int = 1  # a video model's temporal patch size (latent frames per token)
 
     @classmethod
     def of(cls, root: nn.Module) -> Args:
         names = tuple(inspect.signature(type(root).forward).parameters)[1:]
-        return cls(names, int(getattr(root.config, "patch_size", 1) or 1))
+        size = getattr(root.config, "patch_size", 1) or 1
+        if isinstance(size, (tuple, list)):  # Wan: (t, h, w)
+            return cls(names, int(size[-1]), int(size[0]))
+        return cls(names, int(size), int(getattr(root.config, "patch_size_t", 1) or 1))
 
     def get(self, args: tuple, kwargs: dict, name: str) -> Any:
         pos = self.names.index(name) if name in self.names else len(args)
@@ -78,13 +82,15 @@ Reader = Callable[[Args, tuple, dict], Call]
 @dataclass(frozen=True)
 class Model:
     """A transformer class: its block groups in execution order, its call reader, whether it
-    has cross-attention to text (``merge_crossattn``: its queries), and why its MLP cannot run
-    on merged tokens (``no_mlp``; ``None``: it can)."""
+    has cross-attention to text (``merge_crossattn``: its queries), why its MLP cannot run
+    on merged tokens (``no_mlp``; ``None``: it can), and whether its token grid is a video's
+    ``(t, h, w)`` (``st`` and 3-D tiles) or an image's ``(h, w)``."""
 
     blocks: tuple[Blocks, ...]
     read: Reader
     cross_attention: bool = False
     no_mlp: str | None = None
+    video: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,12 +116,13 @@ def text_length(where: Args, args: tuple, kwargs: dict, name: str | None) -> int
     return None if t is None else int(t.shape[1])
 
 
-def fixed_grid(hw: tuple[int, int], n: int, downsample: int) -> tuple[int, int]:
-    """``hw``, the grid of this call's image tokens, which must be ``n`` tokens."""
-    if hw[0] * hw[1] != n:
+def fixed_grid(hw: tuple[int, ...], n: int, downsample: int) -> tuple[int, ...]:
+    """``hw``, the ``(h, w)`` or ``(t, h, w)`` grid of this call's image tokens, which must be
+    ``n`` tokens."""
+    if math.prod(hw) != n:
         raise ValueError(
-            f"method='tome_sd': the {n} image tokens of a block are not the {hw[0]}x{hw[1]} "
-            "grid of this call's latents"
+            f"method='tome_sd': the {n} image tokens of a block are not the "
+            f"{'x'.join(map(str, hw))} grid of this call's latents"
         )
     return hw
 

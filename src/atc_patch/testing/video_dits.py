@@ -1,0 +1,91 @@
+"""Random-init configurations and inputs for the video diffusion transformers: Wan 2.x,
+CogVideoX, LTX-Video and HunyuanVideo.
+
+``"tiny-<name>"``: the real block types with a few channels; ``"<name>-width"``: the published
+width (``config.json`` of the model named in :data:`SOURCES`) with one block of each kind.
+Used through :func:`atc_patch.testing.build_transformer` and
+:func:`~atc_patch.testing.transformer_inputs` (``frames`` latent frames of ``height x width``
+tokens; ``i2v=True``: the first frame is an image-to-video conditioning frame)::
+
+    model = build_transformer("tiny-wan")
+    out = model(**transformer_inputs(model, batch=2, height=4, width=4, frames=3)).sample
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+SOURCES = {
+    "wan": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+}
+
+CLASSES = {
+    "wan": "WanTransformer3DModel",
+}
+
+TINY: dict[str, dict[str, Any]] = {
+    "wan": dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    ),
+}  # fmt: skip
+
+WIDTH: dict[str, dict[str, Any]] = {
+    "wan": dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=1,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+    ),
+}  # fmt: skip
+
+KINDS = tuple(f"tiny-{n}" for n in CLASSES) + tuple(f"{n}-width" for n in CLASSES)
+
+
+def config(kind: str) -> tuple[str, dict[str, Any]] | None:
+    """``(class name, keyword arguments)`` for ``kind`` (one of :data:`KINDS`), else ``None``."""
+    if kind.startswith("tiny-") and kind[5:] in TINY:
+        return CLASSES[kind[5:]], dict(TINY[kind[5:]])
+    if kind.endswith("-width") and kind[:-6] in WIDTH:
+        return CLASSES[kind[:-6]], dict(WIDTH[kind[:-6]])
+    return None
+
+
+Randn = Callable[..., torch.Tensor]
+
+
+def inputs(
+    model: Any, randn: Randn, batch: int, frames: int, h: int, w: int, seq_len: int, i2v: bool
+) -> dict[str, Any] | None:
+    """Keyword inputs for ``model`` (one of :data:`CLASSES`) on a ``frames x h x w`` token grid
+    with ``seq_len`` text tokens, as its pipeline calls it; ``i2v``: a per-token timestep, 0 on
+    the first latent frame (Wan 2.2 TI2V, LTX-Video image-to-video). ``None`` for another
+    class."""
+    name = next((n for n, c in CLASSES.items() if type(model).__name__ == c), None)
+    if name is None:
+        return None
+    return _MAKERS[name](model.config, randn, batch, frames, h, w, seq_len, i2v, model.dtype)
+
+
+def _per_token(batch: int, frames: int, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, frames * h * w)`` timesteps: 500, and 0 on the first frame (the clean image)."""
+    t = torch.full((batch, frames, h, w), 500.0, dtype=dtype)
+    t[:, 0] = 0
+    return t.flatten(1)
+
+
+def _wan(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str, Any]:
+    pt, ph, pw = cfg.patch_size
+    t = _per_token(batch, frames, h, w, dtype) if i2v else torch.full((batch,), 500.0)
+    return dict(
+        hidden_states=randn(batch, cfg.in_channels, frames * pt, h * ph, w * pw),
+        timestep=t,
+        encoder_hidden_states=randn(batch, seq_len, cfg.text_dim),
+    )
+
+
+_MAKERS = {
+    "wan": _wan,
+}
