@@ -251,6 +251,7 @@ PIPELINES = {
     "tiny-hidream": "HiDreamImagePipeline",
     "tiny-sana": "SanaPipeline",
     "tiny-wan": "WanPipeline",
+    "tiny-cogvideox": "CogVideoXPipeline",
 }
 
 
@@ -473,6 +474,15 @@ CASES = [
         reduce={"ratio": 0.5},
         zero={"ratio": 0.0},
         other={"ratio": 0.25, "merge_mlp": True, "merge_crossattn": True},
+    ),  # fmt: skip
+    Case(
+        "tiny-cogvideox",
+        "dit",
+        _dit("tiny-cogvideox"),
+        _run_dit,
+        holder=lambda t: _pipeline_holding(t, "tiny-cogvideox"),
+        bad_at_apply={"blocks": (0, 99)},
+        **_DIFFUSION,
     ),  # fmt: skip
     Case(
         "tiny-wan-ti2v",

@@ -29,7 +29,7 @@ from .test_diffusion_dit_image import recording, sdpa_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIDEO = ("tiny-wan",)
+VIDEO = ("tiny-wan", "tiny-cogvideox")
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
@@ -154,36 +154,83 @@ def test_the_grid_is_frames_by_height_by_width(kind, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# which rows reach the sublayers: the text whole, the image merged by the block's plan
+# ---------------------------------------------------------------------------------------------
+# (sublayer option, a linear layer seeing the sublayer's sequence, text rows in front)
+LAYOUTS = {
+    "tiny-wan": [
+        ("merge_attn", "attn1.to_q", 0),
+        ("merge_crossattn", "attn2.to_q", 0),
+        ("merge_mlp", "ffn.net.0.proj", 0),
+    ],
+    "tiny-cogvideox": [("merge_attn", "attn1.to_q", 6), ("merge_mlp", "ff.net.0.proj", 6)],
+}
+
+
+@pytest.mark.parametrize("kind", VIDEO)
+def test_only_the_image_rows_merge(kind):
+    """One sublayer at a time: the rows reaching it are the unpatched rows with the image's
+    ``N`` rows replaced by the plan (made from the block's input tokens) merging them; the text
+    rows (CogVideoX's joint attention and its ``ff`` on ``[text, image]``) are bit-identical."""
+    model = model_of(kind)
+    inputs = inputs_of(model)
+    x = _first_block_input(model, inputs)
+    n = 3 * 4 * 6
+    plan = cluster_tokens(x, n // 2, "atc")
+    flags = ("merge_attn", "merge_crossattn", "merge_mlp")
+    for option, path, t in LAYOUTS[kind]:
+        layer = transformer_blocks(model)[0].get_submodule(path)
+        with recording(layer, []) as plain:
+            run(model, inputs)
+        atc_patch.apply_patch(
+            model, "atc", ratio=0.5, blocks=[0], **{f: f == option for f in flags}
+        )
+        with recording(layer, []) as merged:
+            run(model, inputs)
+        atc_patch.remove_patch(model)
+        ref = plain[0]
+        want = torch.cat([ref[:, :t], plan.merge(ref[:, t : t + n]), ref[:, t + n :]], dim=1)
+        assert torch.equal(torch.cat(merged), want), (kind, path)
+
+
+# ---------------------------------------------------------------------------------------------
 # rotary tables follow the plan
 # ---------------------------------------------------------------------------------------------
 def _paired_latents(model, inputs) -> dict:
-    """Latents ``(B, C, F, H, W)`` whose tokens come in identical horizontal pairs."""
+    """Latents ``(..., H, W)`` whose tokens come in identical horizontal pairs."""
     x = inputs["hidden_states"].clone()
-    p = model.config.patch_size[-1]
+    size = model.config.patch_size
+    p = size[-1] if isinstance(size, tuple) else size
     x.unflatten(-1, (-1, 2, p))[..., 1, :] = x.unflatten(-1, (-1, 2, p))[..., 0, :]
     return dict(inputs, hidden_states=x)
+
+
+TEXT_IN_ATTENTION = {"tiny-wan": 0, "tiny-cogvideox": 6}  # text rows in front of the image's
 
 
 @pytest.mark.parametrize("kind", VIDEO)
 def test_rotary_tables_follow_the_plan(kind):
     """Tokens in identical pairs merge pair by pair; each merged query and key of the
     self-attention is then rotated by its pair's mean ``(cos, sin)`` rows, i.e. equals the
-    mean of the pair's rotated queries and keys in the unpatched attention."""
+    mean of the pair's rotated queries and keys in the unpatched attention; text rows (the
+    joint attention of CogVideoX) are the unpatched ones."""
     model = model_of(kind)
     inputs = _paired_latents(model, inputs_of(model))
-    block = transformer_blocks(model)[0]
-    with sdpa_calls(block, []) as plain:
+    attn = transformer_blocks(model)[0].attn1
+    with sdpa_calls(attn, []) as plain:
         run(model, inputs)
     atc_patch.apply_patch(model, "atc", ratio=0.5, blocks=[0])
-    with sdpa_calls(block, []) as merged:
+    with sdpa_calls(attn, []) as merged:
         run(model, inputs)
-    n = 3 * 4 * 6
-    for j in (0, 1):  # query, key of the self-attention (the first SDPA call)
-        ref, got = plain[0][j], merged[0][j]
-        assert got.shape[2] == n // 2
-        pairs = ref.unflatten(2, (n // 2, 2)).mean(3)
-        torch.testing.assert_close(got, pairs)
-        assert not torch.allclose(pairs, ref[:, :, 0::2])  # the positions differ
+    n, o = 3 * 4 * 6, TEXT_IN_ATTENTION[kind]
+    for j in (0, 1):  # query, key
+        ref = plain[0][j]
+        got = torch.cat([call[j] for call in merged])  # per-sample calls: one per sample
+        assert got.shape[2] == o + n // 2
+        pairs = ref[:, :, o:].unflatten(2, (n // 2, 2)).mean(3)
+        torch.testing.assert_close(got[:, :, o:], pairs)
+        torch.testing.assert_close(got[:, :, :o], ref[:, :, :o])
+        assert not torch.allclose(pairs, ref[:, :, o::2])  # the positions differ
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,16 +20,24 @@ import torch
 
 SOURCES = {
     "wan": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "cogvideox": "THUDM/CogVideoX-5b",
 }
 
 CLASSES = {
     "wan": "WanTransformer3DModel",
+    "cogvideox": "CogVideoXTransformer3DModel",
 }
 
 TINY: dict[str, dict[str, Any]] = {
     "wan": dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
         out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    ),
+    "cogvideox": dict(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16,
+        sample_frames=9, patch_size=2, max_text_seq_length=6,
+        use_rotary_positional_embeddings=True,
     ),
 }  # fmt: skip
 
@@ -38,6 +46,12 @@ WIDTH: dict[str, dict[str, Any]] = {
         patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=1,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+    ),
+    "cogvideox": dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+        time_embed_dim=512, text_embed_dim=4096, num_layers=1, sample_width=90,
+        sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+        use_rotary_positional_embeddings=True,
     ),
 }  # fmt: skip
 
@@ -86,6 +100,32 @@ def _wan(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str, Any]
     )
 
 
+def _cogvideox(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str, Any]:
+    """Rotary tables as ``CogVideoXPipeline._prepare_rotary_positional_embeddings`` makes them
+    (1.0: ``patch_size_t=None``)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1
+    rotary = None
+    if cfg.use_rotary_positional_embeddings:
+        base = (cfg.sample_width // p, cfg.sample_height // p)
+        rotary = get_3d_rotary_pos_embed(
+            embed_dim=cfg.attention_head_dim,
+            crops_coords=get_resize_crop_region_for_grid((h, w), *base),
+            grid_size=(h, w),
+            temporal_size=frames,
+        )
+        rotary = tuple(r.to(dtype) for r in rotary)
+    return dict(
+        hidden_states=randn(batch, frames * pt, cfg.in_channels, h * p, w * p),
+        encoder_hidden_states=randn(batch, seq_len, cfg.text_embed_dim),
+        timestep=torch.full((batch,), 500, dtype=torch.long),
+        image_rotary_emb=rotary,
+    )
+
+
 _MAKERS = {
     "wan": _wan,
+    "cogvideox": _cogvideox,
 }

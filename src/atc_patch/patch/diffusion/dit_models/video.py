@@ -1,10 +1,16 @@
-"""Video diffusion transformers: Wan 2.x.
+"""Video diffusion transformers: Wan 2.x and CogVideoX.
 
 Their tokens are a ``frames x height x width`` grid in raster order (``(t, h, w)``: ``tome_sd``
-windows of ``st x sy x sx``, tiles of ``(tt, th, tw)``). Wan's text enters through
-cross-attention only: its self-attention ``attn1`` (with ``merge_crossattn`` the ``attn2``
-queries, with ``merge_mlp`` the ``ffn``) runs on the block's merged tokens, and its 3-axis
-rotary ``(cos, sin)`` tables ``(1, N, 1, D)`` follow the plan (cluster means of their rows).
+windows of ``st x sy x sx``, tiles of ``(tt, th, tw)``); 3-axis rotary tables follow the plan
+(cluster means of their rows).
+
+* Wan: text enters through cross-attention only. The self-attention ``attn1`` (with
+  ``merge_crossattn`` the ``attn2`` queries, with ``merge_mlp`` the ``ffn``) runs on the
+  block's merged tokens; its ``(cos, sin)`` tables ``(1, N, 1, D)`` follow the merge.
+* CogVideoX: ``attn1`` is a joint attention over ``[text, image]`` (the text whole, the image
+  stream merged; returns ``(image, text)``), its image-only ``(cos, sin)`` tables ``(N, D)``
+  are passed by the pipeline as the model's ``image_rotary_emb``; ``ff`` runs once on
+  ``[text, image]`` (the text prefix passes whole).
 
 Conditioning frames never merge: a per-token timestep ``(B, N)`` (Wan 2.2 TI2V's
 ``expand_timesteps``, 0 on the clean first latent frame) marks the first frame as conditioning
@@ -37,6 +43,15 @@ def _wan(c: DiffusionConfig) -> dict[str, Span]:  # WanTransformerBlock
     out = {"attn1": Span(rotary=WAN_ROTARY)} if c.merge_attn else {}
     out.update({"attn2": Span()} if c.merge_crossattn else {})  # queries; the text keys stay
     return {**out, **({"ffn": Span()} if c.merge_mlp else {})}
+
+
+COGVIDEOX_ROTARY = Rotary(parts=(0, 1), after_text=False)  # (N, D) each, image rows only
+ENCODER = (1, "encoder_hidden_states")  # where a block's text is
+
+
+def _cogvideox(c: DiffusionConfig) -> dict[str, Span]:  # CogVideoXBlock
+    attn = {"attn1": Span(rotary=COGVIDEOX_ROTARY)} if c.merge_attn else {}
+    return {**attn, **({"ff": Span(after_text=True)} if c.merge_mlp else {})}
 
 
 def video_call(grid: tuple[int, int, int], timestep: Any, text: int | None = None) -> Call:
@@ -81,8 +96,20 @@ def wan_call(where: Args, args: tuple, kwargs: dict) -> Call:
     return video_call(grid, where.get(args, kwargs, "timestep"))
 
 
+def cogvideox_call(where: Args, args: tuple, kwargs: dict) -> Call:
+    """A CogVideoX call on latents ``(B, F, C, H, W)`` (frames before channels): the
+    ``(F / pt, H / p, W / p)`` token grid (CogVideoX 1.5: ``pt = 2``)."""
+    x = where.get(args, kwargs, "hidden_states")
+    f, h, w = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])
+    grid = (f // where.patch_t, h // where.patch, w // where.patch)
+    return video_call(grid, where.get(args, kwargs, "timestep"))
+
+
 MODELS = {
     "WanTransformer3DModel": Model(
         (Blocks("blocks", _wan),), wan_call, cross_attention=True, video=True
+    ),
+    "CogVideoXTransformer3DModel": Model(
+        (Blocks("transformer_blocks", _cogvideox, text=ENCODER),), cogvideox_call, video=True
     ),
 }
