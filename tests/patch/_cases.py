@@ -252,6 +252,7 @@ PIPELINES = {
     "tiny-sana": "SanaPipeline",
     "tiny-wan": "WanPipeline",
     "tiny-cogvideox": "CogVideoXPipeline",
+    "tiny-ltx": "LTXPipeline",
 }
 
 
@@ -481,6 +482,26 @@ CASES = [
         _dit("tiny-cogvideox"),
         _run_dit,
         holder=lambda t: _pipeline_holding(t, "tiny-cogvideox"),
+        bad_at_apply={"blocks": (0, 99)},
+        **_DIFFUSION,
+    ),  # fmt: skip
+    Case(
+        "tiny-ltx",
+        "dit",
+        _dit("tiny-ltx"),
+        _run_dit,
+        holder=lambda t: _pipeline_holding(t, "tiny-ltx"),
+        bad_at_apply={"blocks": (0, 99)},
+        methods=DIFFUSION_METHODS,
+        reduce={"ratio": 0.5},
+        zero={"ratio": 0.0},
+        other={"ratio": 0.25, "merge_mlp": True, "merge_crossattn": True},
+    ),  # fmt: skip
+    Case(
+        "tiny-ltx-i2v",
+        "dit",
+        _dit("tiny-ltx"),
+        _run_video_i2v,
         bad_at_apply={"blocks": (0, 99)},
         **_DIFFUSION,
     ),  # fmt: skip

@@ -29,7 +29,7 @@ from .test_diffusion_dit_image import recording, sdpa_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIDEO = ("tiny-wan", "tiny-cogvideox")
+VIDEO = ("tiny-wan", "tiny-cogvideox", "tiny-ltx")
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
@@ -164,6 +164,11 @@ LAYOUTS = {
         ("merge_mlp", "ffn.net.0.proj", 0),
     ],
     "tiny-cogvideox": [("merge_attn", "attn1.to_q", 6), ("merge_mlp", "ff.net.0.proj", 6)],
+    "tiny-ltx": [
+        ("merge_attn", "attn1.to_q", 0),
+        ("merge_crossattn", "attn2.to_q", 0),
+        ("merge_mlp", "ff.net.0.proj", 0),
+    ],
 }
 
 
@@ -197,15 +202,23 @@ def test_only_the_image_rows_merge(kind):
 # rotary tables follow the plan
 # ---------------------------------------------------------------------------------------------
 def _paired_latents(model, inputs) -> dict:
-    """Latents ``(..., H, W)`` whose tokens come in identical horizontal pairs."""
+    """Latents ``(..., H, W)`` (or packed ``(B, N, C)`` tokens, raster order) whose tokens
+    come in identical horizontal pairs."""
     x = inputs["hidden_states"].clone()
+    if x.dim() == 3:
+        x[:, 1::2] = x[:, 0::2]
+        return dict(inputs, hidden_states=x)
     size = model.config.patch_size
     p = size[-1] if isinstance(size, tuple) else size
     x.unflatten(-1, (-1, 2, p))[..., 1, :] = x.unflatten(-1, (-1, 2, p))[..., 0, :]
     return dict(inputs, hidden_states=x)
 
 
-TEXT_IN_ATTENTION = {"tiny-wan": 0, "tiny-cogvideox": 6}  # text rows in front of the image's
+TEXT_IN_ATTENTION = {
+    "tiny-wan": 0,
+    "tiny-cogvideox": 6,
+    "tiny-ltx": 0,
+}  # text rows in front of the image's
 
 
 @pytest.mark.parametrize("kind", VIDEO)
@@ -236,7 +249,7 @@ def test_rotary_tables_follow_the_plan(kind):
 # ---------------------------------------------------------------------------------------------
 # conditioning frames never merge
 # ---------------------------------------------------------------------------------------------
-I2V = [("tiny-wan", "attn1.to_q")]
+I2V = [("tiny-wan", "attn1.to_q"), ("tiny-ltx", "attn1.to_q")]
 
 
 @pytest.mark.parametrize("kind,path", I2V)
@@ -257,7 +270,7 @@ def test_the_conditioning_frame_never_merges(kind, path, opts):
     their own ``(t - 1, h, w)`` grid."""
     model = model_of(kind)
     inputs = inputs_of(model, i2v=True)
-    layer = model.get_submodule(f"blocks.0.{path}")
+    layer = transformer_blocks(model)[0].get_submodule(path)
     x = _first_block_input(model, inputs)
     with recording(layer, []) as plain:
         run(model, inputs)
@@ -285,6 +298,18 @@ def test_conditioning_outside_the_first_frame_is_refused(kind):
     inputs["timestep"][:, -3:] = 0
     atc_patch.apply_patch(model, "atc", ratio=0.5)
     with pytest.raises(RuntimeError, match="tokens after the first frame have different"):
+        run(model, inputs)
+
+
+def test_ltx_video_coords_are_refused():
+    """``LTXConditionPipeline`` passes ``video_coords``: its conditioning tokens may be anywhere
+    and appended after the video's, so the patched call raises instead of merging them."""
+    model = model_of("tiny-ltx")
+    inputs = inputs_of(model)
+    n = inputs["hidden_states"].shape[1]
+    inputs["video_coords"] = torch.zeros(2, 3, n)
+    atc_patch.apply_patch(model, "atc", ratio=0.5)
+    with pytest.raises(ValueError, match="video_coords"):
         run(model, inputs)
 
 

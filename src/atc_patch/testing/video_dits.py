@@ -21,11 +21,13 @@ import torch
 SOURCES = {
     "wan": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "cogvideox": "THUDM/CogVideoX-5b",
+    "ltx": "Lightricks/LTX-Video",
 }
 
 CLASSES = {
     "wan": "WanTransformer3DModel",
     "cogvideox": "CogVideoXTransformer3DModel",
+    "ltx": "LTXVideoTransformer3DModel",
 }
 
 TINY: dict[str, dict[str, Any]] = {
@@ -38,6 +40,10 @@ TINY: dict[str, dict[str, Any]] = {
         time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16,
         sample_frames=9, patch_size=2, max_text_seq_length=6,
         use_rotary_positional_embeddings=True,
+    ),
+    "ltx": dict(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+        attention_head_dim=16, cross_attention_dim=32, num_layers=2, caption_channels=32,
     ),
 }  # fmt: skip
 
@@ -52,6 +58,10 @@ WIDTH: dict[str, dict[str, Any]] = {
         time_embed_dim=512, text_embed_dim=4096, num_layers=1, sample_width=90,
         sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
         use_rotary_positional_embeddings=True,
+    ),
+    "ltx": dict(
+        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+        attention_head_dim=64, cross_attention_dim=2048, num_layers=1, caption_channels=4096,
     ),
 }  # fmt: skip
 
@@ -125,7 +135,26 @@ def _cogvideox(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str
     )
 
 
+def _ltx(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str, Any]:
+    """Packed latents ``(B, F * H * W, C)``; ``i2v``: ``LTXImageToVideoPipeline``'s timestep
+    ``t * (1 - conditioning_mask)``, 0 on the first frame."""
+    mask = torch.ones(batch, seq_len, dtype=dtype)
+    mask[-1, max(seq_len - 2, 1) :] = 0  # a shorter prompt in the last sample
+    t = _per_token(batch, frames, h, w, dtype) if i2v else torch.full((batch,), 500.0)
+    return dict(
+        hidden_states=randn(batch, frames * h * w, cfg.in_channels),
+        encoder_hidden_states=randn(batch, seq_len, cfg.caption_channels),
+        timestep=t,
+        encoder_attention_mask=mask,
+        num_frames=frames,
+        height=h,
+        width=w,
+        rope_interpolation_scale=(8 / 25, 32, 32),  # (temporal VAE ratio / fps, 32, 32)
+    )
+
+
 _MAKERS = {
     "wan": _wan,
     "cogvideox": _cogvideox,
+    "ltx": _ltx,
 }

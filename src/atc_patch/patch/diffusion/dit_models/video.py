@@ -1,4 +1,4 @@
-"""Video diffusion transformers: Wan 2.x and CogVideoX.
+"""Video diffusion transformers: Wan 2.x, CogVideoX and LTX-Video.
 
 Their tokens are a ``frames x height x width`` grid in raster order (``(t, h, w)``: ``tome_sd``
 windows of ``st x sy x sx``, tiles of ``(tt, th, tw)``); 3-axis rotary tables follow the plan
@@ -11,6 +11,10 @@ windows of ``st x sy x sx``, tiles of ``(tt, th, tw)``); 3-axis rotary tables fo
   stream merged; returns ``(image, text)``), its image-only ``(cos, sin)`` tables ``(N, D)``
   are passed by the pipeline as the model's ``image_rotary_emb``; ``ff`` runs once on
   ``[text, image]`` (the text prefix passes whole).
+* LTX-Video: like Wan (``attn1``, ``attn2`` queries, ``ff``) on packed latents ``(B, N, C)``
+  whose grid is the call's ``num_frames x height x width``; its ``(cos, sin)`` tables
+  ``(B, N, D)`` follow the merge. ``LTXConditionPipeline``'s ``video_coords`` (conditioning
+  tokens anywhere, appended ones) are refused.
 
 Conditioning frames never merge: a per-token timestep ``(B, N)`` (Wan 2.2 TI2V's
 ``expand_timesteps``, 0 on the clean first latent frame) marks the first frame as conditioning
@@ -52,6 +56,16 @@ ENCODER = (1, "encoder_hidden_states")  # where a block's text is
 def _cogvideox(c: DiffusionConfig) -> dict[str, Span]:  # CogVideoXBlock
     attn = {"attn1": Span(rotary=COGVIDEOX_ROTARY)} if c.merge_attn else {}
     return {**attn, **({"ff": Span(after_text=True)} if c.merge_mlp else {})}
+
+
+LTX_ROTARY = Rotary(parts=(0, 1), batched=True, after_text=False)  # (B, N, D) each
+
+
+def _ltx(c: DiffusionConfig) -> dict[str, Span]:  # LTXVideoTransformerBlock
+    # attn2(x, encoder_hidden_states=text, attention_mask=text bias): the text keys stay.
+    out = {"attn1": Span(rotary=LTX_ROTARY)} if c.merge_attn else {}
+    out.update({"attn2": Span()} if c.merge_crossattn else {})
+    return {**out, **({"ff": Span()} if c.merge_mlp else {})}
 
 
 def video_call(grid: tuple[int, int, int], timestep: Any, text: int | None = None) -> Call:
@@ -105,11 +119,27 @@ def cogvideox_call(where: Args, args: tuple, kwargs: dict) -> Call:
     return video_call(grid, where.get(args, kwargs, "timestep"))
 
 
+def ltx_call(where: Args, args: tuple, kwargs: dict) -> Call:
+    """An LTX-Video call on packed latents ``(B, N, C)``: the ``num_frames x height x width``
+    token grid of the call's arguments (what its rotary tables are made for)."""
+    if where.get(args, kwargs, "video_coords") is not None:
+        raise ValueError(
+            "token merging does not support LTX-Video's video_coords (LTXConditionPipeline: "
+            "conditioning tokens anywhere in the sequence and appended ones, which must not "
+            "merge); remove the patch for this pipeline"
+        )
+    grid = tuple(int(where.get(args, kwargs, k)) for k in ("num_frames", "height", "width"))
+    return video_call(grid, where.get(args, kwargs, "timestep"))
+
+
 MODELS = {
     "WanTransformer3DModel": Model(
         (Blocks("blocks", _wan),), wan_call, cross_attention=True, video=True
     ),
     "CogVideoXTransformer3DModel": Model(
         (Blocks("transformer_blocks", _cogvideox, text=ENCODER),), cogvideox_call, video=True
+    ),
+    "LTXVideoTransformer3DModel": Model(
+        (Blocks("transformer_blocks", _ltx),), ltx_call, cross_attention=True, video=True
     ),
 }
