@@ -253,6 +253,8 @@ PIPELINES = {
     "tiny-wan": "WanPipeline",
     "tiny-cogvideox": "CogVideoXPipeline",
     "tiny-ltx": "LTXPipeline",
+    "tiny-hunyuanvideo": "HunyuanVideoPipeline",
+    "tiny-hunyuanvideo-i2v": "HunyuanVideoImageToVideoPipeline",
 }
 
 
@@ -505,6 +507,18 @@ CASES = [
         bad_at_apply={"blocks": (0, 99)},
         **_DIFFUSION,
     ),  # fmt: skip
+    *(
+        Case(
+            kind,
+            "dit",
+            _dit(kind),
+            _run_dit,
+            holder=lambda t, k=kind: _pipeline_holding(t, k),
+            bad_at_apply={"blocks": (0, 99)},
+            **_DIFFUSION,
+        )  # fmt: skip
+        for kind in ("tiny-hunyuanvideo", "tiny-hunyuanvideo-i2v")
+    ),
     Case(
         "tiny-wan-ti2v",
         "dit",

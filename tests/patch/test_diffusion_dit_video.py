@@ -29,7 +29,7 @@ from .test_diffusion_dit_image import recording, sdpa_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIDEO = ("tiny-wan", "tiny-cogvideox", "tiny-ltx")
+VIDEO = ("tiny-wan", "tiny-cogvideox", "tiny-ltx", "tiny-hunyuanvideo")
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
@@ -66,8 +66,11 @@ def plans(monkeypatch):
 
 
 def _first_block_input(model, inputs) -> torch.Tensor:
+    return _block_input(model, transformer_blocks(model)[0], inputs)
+
+
+def _block_input(model, block, inputs) -> torch.Tensor:
     store: list = []
-    block = transformer_blocks(model)[0]
     handle = block.register_forward_pre_hook(
         lambda m, a, kw: store.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
     )
@@ -156,18 +159,24 @@ def test_the_grid_is_frames_by_height_by_width(kind, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # which rows reach the sublayers: the text whole, the image merged by the block's plan
 # ---------------------------------------------------------------------------------------------
-# (sublayer option, a linear layer seeing the sublayer's sequence, text rows in front)
+# (sublayer option, block index, a linear layer seeing the sublayer's sequence, text rows in
+# front of the image's); text after the image's passes as well (HunyuanVideo's [image, text])
 LAYOUTS = {
     "tiny-wan": [
-        ("merge_attn", "attn1.to_q", 0),
-        ("merge_crossattn", "attn2.to_q", 0),
-        ("merge_mlp", "ffn.net.0.proj", 0),
+        ("merge_attn", 0, "attn1.to_q", 0),
+        ("merge_crossattn", 0, "attn2.to_q", 0),
+        ("merge_mlp", 0, "ffn.net.0.proj", 0),
     ],
-    "tiny-cogvideox": [("merge_attn", "attn1.to_q", 6), ("merge_mlp", "ff.net.0.proj", 6)],
+    "tiny-cogvideox": [("merge_attn", 0, "attn1.to_q", 6), ("merge_mlp", 0, "ff.net.0.proj", 6)],
     "tiny-ltx": [
-        ("merge_attn", "attn1.to_q", 0),
-        ("merge_crossattn", "attn2.to_q", 0),
-        ("merge_mlp", "ff.net.0.proj", 0),
+        ("merge_attn", 0, "attn1.to_q", 0),
+        ("merge_crossattn", 0, "attn2.to_q", 0),
+        ("merge_mlp", 0, "ff.net.0.proj", 0),
+    ],
+    "tiny-hunyuanvideo": [
+        ("merge_attn", 0, "attn.to_q", 0),  # double: image stream only
+        ("merge_mlp", 0, "ff.net.0.proj", 0),
+        ("merge_attn", 1, "attn.to_q", 0),  # single: [image, text]
     ],
 }
 
@@ -176,26 +185,26 @@ LAYOUTS = {
 def test_only_the_image_rows_merge(kind):
     """One sublayer at a time: the rows reaching it are the unpatched rows with the image's
     ``N`` rows replaced by the plan (made from the block's input tokens) merging them; the text
-    rows (CogVideoX's joint attention and its ``ff`` on ``[text, image]``) are bit-identical."""
+    rows (CogVideoX's joint attention and its ``ff`` on ``[text, image]``, HunyuanVideo's
+    single-stream ``[image, text]``) are bit-identical."""
     model = model_of(kind)
     inputs = inputs_of(model)
-    x = _first_block_input(model, inputs)
     n = 3 * 4 * 6
-    plan = cluster_tokens(x, n // 2, "atc")
     flags = ("merge_attn", "merge_crossattn", "merge_mlp")
-    for option, path, t in LAYOUTS[kind]:
-        layer = transformer_blocks(model)[0].get_submodule(path)
+    for option, index, path, t in LAYOUTS[kind]:
+        block = transformer_blocks(model)[index]
+        layer = block.get_submodule(path)
         with recording(layer, []) as plain:
-            run(model, inputs)
-        atc_patch.apply_patch(
-            model, "atc", ratio=0.5, blocks=[0], **{f: f == option for f in flags}
-        )
+            x = _block_input(model, block, inputs)
+        plan = cluster_tokens(x, n // 2, "atc")
+        opts = {f: f == option for f in flags}
+        atc_patch.apply_patch(model, "atc", ratio=0.5, blocks=[index], **opts)
         with recording(layer, []) as merged:
             run(model, inputs)
         atc_patch.remove_patch(model)
         ref = plain[0]
         want = torch.cat([ref[:, :t], plan.merge(ref[:, t : t + n]), ref[:, t + n :]], dim=1)
-        assert torch.equal(torch.cat(merged), want), (kind, path)
+        assert torch.equal(torch.cat(merged), want), (kind, index, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +227,7 @@ TEXT_IN_ATTENTION = {
     "tiny-wan": 0,
     "tiny-cogvideox": 6,
     "tiny-ltx": 0,
+    "tiny-hunyuanvideo": 0,
 }  # text rows in front of the image's
 
 
@@ -229,7 +239,8 @@ def test_rotary_tables_follow_the_plan(kind):
     joint attention of CogVideoX) are the unpatched ones."""
     model = model_of(kind)
     inputs = _paired_latents(model, inputs_of(model))
-    attn = transformer_blocks(model)[0].attn1
+    block = transformer_blocks(model)[0]
+    attn = getattr(block, "attn1", None) or block.attn
     with sdpa_calls(attn, []) as plain:
         run(model, inputs)
     atc_patch.apply_patch(model, "atc", ratio=0.5, blocks=[0])
@@ -239,17 +250,23 @@ def test_rotary_tables_follow_the_plan(kind):
     for j in (0, 1):  # query, key
         ref = plain[0][j]
         got = torch.cat([call[j] for call in merged])  # per-sample calls: one per sample
-        assert got.shape[2] == o + n // 2
-        pairs = ref[:, :, o:].unflatten(2, (n // 2, 2)).mean(3)
-        torch.testing.assert_close(got[:, :, o:], pairs)
+        assert got.shape[2] == ref.shape[2] - n // 2
+        pairs = ref[:, :, o : o + n].unflatten(2, (n // 2, 2)).mean(3)
+        torch.testing.assert_close(got[:, :, o : o + n // 2], pairs)
         torch.testing.assert_close(got[:, :, :o], ref[:, :, :o])
-        assert not torch.allclose(pairs, ref[:, :, o::2])  # the positions differ
+        torch.testing.assert_close(got[:, :, o + n // 2 :], ref[:, :, o + n :])  # text after
+        assert not torch.allclose(pairs, ref[:, :, o : o + n : 2])  # the positions differ
 
 
 # ---------------------------------------------------------------------------------------------
 # conditioning frames never merge
 # ---------------------------------------------------------------------------------------------
-I2V = [("tiny-wan", "attn1.to_q"), ("tiny-ltx", "attn1.to_q")]
+I2V = [
+    ("tiny-wan", "attn1.to_q"),  # Wan 2.2 TI2V: per-token timestep
+    ("tiny-ltx", "attn1.to_q"),  # LTX-Video image-to-video: per-token timestep
+    ("tiny-hunyuanvideo-i2v", "attn.to_q"),  # HunyuanVideo-I2V: token_replace
+]
+PER_TOKEN_TIMESTEP = ("tiny-wan", "tiny-ltx")
 
 
 @pytest.mark.parametrize("kind,path", I2V)
@@ -278,7 +295,7 @@ def test_the_conditioning_frame_never_merges(kind, path, opts):
     with recording(layer, []) as merged:
         run(model, inputs)
     hw, n = 4 * 6, 2 * 4 * 6
-    got, ref = merged[0], plain[0]
+    got, ref = torch.cat(merged), plain[0]
     assert torch.equal(got[:, :hw], ref[:, :hw])
     if opts["method"] == "atc":
         tiles = {"grid": (2, 4, 6), "tile": opts["tile"]} if "tile" in opts else {}
@@ -288,7 +305,7 @@ def test_the_conditioning_frame_never_merges(kind, path, opts):
         assert got.shape[1] == hw + n - n // 2
 
 
-@pytest.mark.parametrize("kind", [k for k, _ in I2V])
+@pytest.mark.parametrize("kind", PER_TOKEN_TIMESTEP)
 def test_conditioning_outside_the_first_frame_is_refused(kind):
     """A per-token timestep that differs after the first frame (conditioning frames elsewhere)
     cannot be protected: the call raises instead of merging them."""
@@ -299,6 +316,23 @@ def test_conditioning_outside_the_first_frame_is_refused(kind):
     atc_patch.apply_patch(model, "atc", ratio=0.5)
     with pytest.raises(RuntimeError, match="tokens after the first frame have different"):
         run(model, inputs)
+
+
+def test_hunyuanvideo_mask_follows_the_merge():
+    """The model builds a ``(B, 1, 1, N + T)`` bool mask (image columns and the valid prompt
+    tokens True): double and single blocks' attention get it with the ``N'`` merged image
+    columns True and the text columns as they were (the last sample's padding False)."""
+    model = model_of("tiny-hunyuanvideo")
+    inputs = inputs_of(model)
+    atc_patch.apply_patch(model, "atc", ratio=0.5, merge_mlp=True)
+    text = inputs["encoder_attention_mask"].bool()
+    want = torch.cat([torch.ones(2, 36, dtype=torch.bool), text], dim=1)[:, None, None]
+    for block in transformer_blocks(model):
+        with sdpa_calls(block.attn, []) as calls:
+            run(model, inputs)
+        got = torch.cat([mask for _, _, mask in calls])
+        assert torch.equal(got, want)
+        assert not got[-1, ..., -2:].any()
 
 
 def test_ltx_video_coords_are_refused():

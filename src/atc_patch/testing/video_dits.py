@@ -22,12 +22,16 @@ SOURCES = {
     "wan": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "cogvideox": "THUDM/CogVideoX-5b",
     "ltx": "Lightricks/LTX-Video",
+    "hunyuanvideo": "hunyuanvideo-community/HunyuanVideo",
+    "hunyuanvideo-i2v": "hunyuanvideo-community/HunyuanVideo-I2V",
 }
 
 CLASSES = {
     "wan": "WanTransformer3DModel",
     "cogvideox": "CogVideoXTransformer3DModel",
     "ltx": "LTXVideoTransformer3DModel",
+    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
+    "hunyuanvideo-i2v": "HunyuanVideoTransformer3DModel",
 }
 
 TINY: dict[str, dict[str, Any]] = {
@@ -44,6 +48,17 @@ TINY: dict[str, dict[str, Any]] = {
     "ltx": dict(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
         attention_head_dim=16, cross_attention_dim=32, num_layers=2, caption_channels=32,
+    ),
+    "hunyuanvideo": dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2,
+        patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
+    ),
+    "hunyuanvideo-i2v": dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2,
+        patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
+        guidance_embeds=False, image_condition_type="token_replace",
     ),
 }  # fmt: skip
 
@@ -63,9 +78,15 @@ WIDTH: dict[str, dict[str, Any]] = {
         in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
         attention_head_dim=64, cross_attention_dim=2048, num_layers=1, caption_channels=4096,
     ),
+    "hunyuanvideo": dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+        num_layers=1, num_single_layers=1, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+        patch_size_t=1, guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+        rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+    ),
 }  # fmt: skip
 
-KINDS = tuple(f"tiny-{n}" for n in CLASSES) + tuple(f"{n}-width" for n in CLASSES)
+KINDS = tuple(f"tiny-{n}" for n in TINY) + tuple(f"{n}-width" for n in WIDTH)
 
 
 def config(kind: str) -> tuple[str, dict[str, Any]] | None:
@@ -153,8 +174,27 @@ def _ltx(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str, Any]
     )
 
 
+def _hunyuanvideo(cfg, randn, batch, frames, h, w, seq_len, i2v, dtype) -> dict[str, Any]:
+    """A right-padded prompt in the last sample (the model counts its valid tokens)."""
+    p, pt = cfg.patch_size, cfg.patch_size_t
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[-1, max(seq_len - 2, 1) :] = 0
+    out = dict(
+        hidden_states=randn(batch, cfg.in_channels, frames * pt, h * p, w * p),
+        timestep=torch.full((batch,), 500.0, dtype=dtype),
+        encoder_hidden_states=randn(batch, seq_len, cfg.text_embed_dim),
+        encoder_attention_mask=mask,
+        pooled_projections=randn(batch, cfg.pooled_projection_dim),
+    )
+    if cfg.guidance_embeds:
+        out["guidance"] = torch.full((batch,), 6000.0, dtype=dtype)
+    return out
+
+
 _MAKERS = {
     "wan": _wan,
     "cogvideox": _cogvideox,
     "ltx": _ltx,
+    "hunyuanvideo": _hunyuanvideo,
+    "hunyuanvideo-i2v": _hunyuanvideo,
 }

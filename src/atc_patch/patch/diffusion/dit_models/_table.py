@@ -18,7 +18,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,19 +33,22 @@ Spans = Callable[[DiffusionConfig], dict[str, Span]]
 
 @dataclass(frozen=True)
 class Args:
-    """A root forward's parameter names (in order), to read its call's arguments by name."""
+    """A root forward's parameter names (in order), to read its call's arguments by name, and
+    the model's configuration."""
 
     names: tuple[str, ...]
     patch: int = 1  # the model's spatial patch size (latent pixels per token side)
     patch_t: int = 1  # a video model's temporal patch size (latent frames per token)
+    config: Any = field(default=None, compare=False)  # the root's ``config``
 
     @classmethod
     def of(cls, root: nn.Module) -> Args:
         names = tuple(inspect.signature(type(root).forward).parameters)[1:]
-        size = getattr(root.config, "patch_size", 1) or 1
+        cfg = root.config
+        size = getattr(cfg, "patch_size", 1) or 1
         if isinstance(size, (tuple, list)):  # Wan: (t, h, w)
-            return cls(names, int(size[-1]), int(size[0]))
-        return cls(names, int(size), int(getattr(root.config, "patch_size_t", 1) or 1))
+            return cls(names, int(size[-1]), int(size[0]), cfg)
+        return cls(names, int(size), int(getattr(cfg, "patch_size_t", 1) or 1), cfg)
 
     def get(self, args: tuple, kwargs: dict, name: str) -> Any:
         pos = self.names.index(name) if name in self.names else len(args)

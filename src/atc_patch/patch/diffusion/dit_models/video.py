@@ -1,4 +1,4 @@
-"""Video diffusion transformers: Wan 2.x, CogVideoX and LTX-Video.
+"""Video diffusion transformers: Wan 2.x, CogVideoX, LTX-Video and HunyuanVideo.
 
 Their tokens are a ``frames x height x width`` grid in raster order (``(t, h, w)``: ``tome_sd``
 windows of ``st x sy x sx``, tiles of ``(tt, th, tw)``); 3-axis rotary tables follow the plan
@@ -15,11 +15,18 @@ windows of ``st x sy x sx``, tiles of ``(tt, th, tw)``); 3-axis rotary tables fo
   whose grid is the call's ``num_frames x height x width``; its ``(cos, sin)`` tables
   ``(B, N, D)`` follow the merge. ``LTXConditionPipeline``'s ``video_coords`` (conditioning
   tokens anywhere, appended ones) are refused.
+* HunyuanVideo: double-stream blocks merge the image stream of their joint attention
+  ``[image, text]`` (returns ``(image, text)``) and ``ff``; single-stream blocks take image and
+  text as separate arguments, run ``proj_mlp`` / ``proj_out`` on ``[image, text]`` (the text
+  suffix passes whole) and the attention on the image part. The ``(B, 1, 1, N + T)`` mask the
+  model builds follows the merge (its image columns by ``amax``), the image-only ``(cos,
+  sin)`` tables ``(N, D)`` too. The text refiner blocks are never patched.
 
 Conditioning frames never merge: a per-token timestep ``(B, N)`` (Wan 2.2 TI2V's
-``expand_timesteps``, 0 on the clean first latent frame) marks the first frame as conditioning
-(``Call.skip``); the other tokens must share one timestep (checked on the device). The token
-grid is then the remaining ``(t - 1, h, w)``::
+``expand_timesteps``, LTX-Video image-to-video: 0 on the clean first latent frame) or
+HunyuanVideo-I2V's ``image_condition_type="token_replace"`` marks the first frame as
+conditioning (``Call.skip``); the other tokens must share one timestep (checked on the device).
+The token grid is then the remaining ``(t - 1, h, w)``::
 
     apply_patch(pipe, "tome_sd", ratio=0.5, st=2)       # 2 x 2 x 2 windows
     apply_patch(pipe, "atc", ratio=0.5, tile=(2, 8, 8))  # ATC inside 2 x 8 x 8 tiles
@@ -27,6 +34,7 @@ grid is then the remaining ``(t - 1, h, w)``::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -36,7 +44,7 @@ from torch import Tensor
 
 from ...config import DiffusionConfig
 from ..core import Call
-from ..merge import Rotary, Span
+from ..merge import JointMask, Rotary, Span
 from ._table import Args, Blocks, Model, fixed_grid
 
 WAN_ROTARY = Rotary(arg=(3, "rotary_emb"), parts=(0, 1), batched=True, after_text=False)
@@ -68,12 +76,40 @@ def _ltx(c: DiffusionConfig) -> dict[str, Span]:  # LTXVideoTransformerBlock
     return {**out, **({"ff": Span()} if c.merge_mlp else {})}
 
 
-def video_call(grid: tuple[int, int, int], timestep: Any, text: int | None = None) -> Call:
-    """A call on a ``(t, h, w)`` token grid. A per-token ``timestep`` ``(B, N)`` protects the
-    first frame's ``h * w`` tokens (the conditioning image of image-to-video), whose timestep
-    differs; every later token must have the last token's timestep (checked on the device:
-    conditioning elsewhere cannot be protected and is refused)."""
-    skip = 0
+HUNYUAN_ROTARY = Rotary(parts=(0, 1), after_text=False)  # (N, D) each, image rows only
+HUNYUAN_MASK = JointMask()  # (B, 1, 1, N + T) bool, [image, text] columns, built by the model
+
+
+def _hunyuan_double(c: DiffusionConfig) -> dict[str, Span]:  # HunyuanVideo(TokenReplace)Block
+    attn = Span(mask=HUNYUAN_MASK, rotary=HUNYUAN_ROTARY)  # returns (image, text)
+    return {**({"attn": attn} if c.merge_attn else {}), **({"ff": Span()} if c.merge_mlp else {})}
+
+
+def _hunyuan_single(c: DiffusionConfig) -> dict[str, Span]:  # ...SingleTransformerBlock
+    # proj_mlp sees [image, text], attn the image part (and the text as a separate argument),
+    # proj_out cat(attention, MLP) on [image, text]: per token, so with both merged the
+    # unmerge moves after proj_out (as for Flux's single-stream blocks, the text at the end).
+    attn = Span(mask=HUNYUAN_MASK, rotary=HUNYUAN_ROTARY)
+    if c.merge_attn and c.merge_mlp:
+        return {
+            "attn": dataclasses.replace(attn, unmerge_out=False),
+            "proj_mlp": Span(unmerge_out=False),
+            "proj_out": Span(merge_in=False),
+        }
+    if c.merge_attn:
+        return {"attn": attn}
+    return {"proj_mlp": Span()} if c.merge_mlp else {}
+
+
+def video_call(
+    grid: tuple[int, int, int], timestep: Any, text: int | None = None, first_frame: bool = False
+) -> Call:
+    """A call on a ``(t, h, w)`` token grid. The first frame's ``h * w`` tokens never merge
+    when they are an image-to-video conditioning frame: ``first_frame`` (the model says so),
+    or a per-token ``timestep`` ``(B, N)``, where every later token must have the last token's
+    timestep (checked on the device: conditioning elsewhere cannot be protected and is
+    refused)."""
+    skip = grid[1] * grid[2] if first_frame else 0
     if isinstance(timestep, Tensor) and timestep.dim() == 2:
         n = math.prod(grid)
         if timestep.shape[1] != n:
@@ -83,8 +119,9 @@ def video_call(grid: tuple[int, int, int], timestep: Any, text: int | None = Non
             )
         skip = grid[1] * grid[2]
         _check_conditioning(timestep, skip)
-        grid = (grid[0] - 1, grid[1], grid[2])
         timestep = timestep[:, -1]
+    if skip:
+        grid = (grid[0] - 1, grid[1], grid[2])
     return Call(
         functools.partial(fixed_grid, grid), timestep, text=text, skip=skip, count=math.prod(grid)
     )
@@ -132,6 +169,17 @@ def ltx_call(where: Args, args: tuple, kwargs: dict) -> Call:
     return video_call(grid, where.get(args, kwargs, "timestep"))
 
 
+def hunyuan_call(where: Args, args: tuple, kwargs: dict) -> Call:
+    """A HunyuanVideo call on latents ``(B, C, F, H, W)``: the ``(F / pt, H / p, W / p)`` token
+    grid; with ``image_condition_type="token_replace"`` (HunyuanVideo-I2V) the first frame is
+    the conditioning image."""
+    x = where.get(args, kwargs, "hidden_states")
+    f, h, w = (int(v) for v in x.shape[-3:])
+    grid = (f // where.patch_t, h // where.patch, w // where.patch)
+    replace = getattr(where.config, "image_condition_type", None) == "token_replace"
+    return video_call(grid, where.get(args, kwargs, "timestep"), first_frame=replace)
+
+
 MODELS = {
     "WanTransformer3DModel": Model(
         (Blocks("blocks", _wan),), wan_call, cross_attention=True, video=True
@@ -141,5 +189,13 @@ MODELS = {
     ),
     "LTXVideoTransformer3DModel": Model(
         (Blocks("transformer_blocks", _ltx),), ltx_call, cross_attention=True, video=True
+    ),
+    "HunyuanVideoTransformer3DModel": Model(
+        (
+            Blocks("transformer_blocks", _hunyuan_double),
+            Blocks("single_transformer_blocks", _hunyuan_single),
+        ),
+        hunyuan_call,
+        video=True,
     ),
 }
