@@ -3,8 +3,9 @@
 A *setup* is a model at one size (:data:`SETUPS`: SD-1.5 at 512² and 1024², SDXL at 1024²,
 Flux at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256; :data:`CURRENT_SETUPS`:
 issue 22's image transformers, QwenImage at 1328², Z-Image, FLUX.2, Chroma, CogView4, HiDream
-and Sana at 1024², Sana at 4096²), built from its real configuration with random weights (no
-download) on any device, meta included. A *row* is a
+and Sana at 1024², Sana at 4096²; :data:`VIDEO_SETUPS`: the video transformers, Wan 2.1 14B at
+480x832 x 81 frames, CogVideoX-5b, LTX-Video, HunyuanVideo), built from its real configuration
+with random weights (no download) on any device, meta included. A *row* is a
 patch setting ``(label, method, options)`` (:data:`DIFFUSION_ROWS`, :data:`VIT_ROWS`): adding a
 setting is one line. Both scripts write :data:`COLUMNS`, so their CSVs join on
 ``(model, resolution, batch, label)``.
@@ -89,6 +90,8 @@ class Setup:
     @property
     def name(self) -> str:
         tiny = " (tiny)" if self.tiny else ""
+        if self.model in VIDEO_DITS:
+            return f"{NAMES[self.model]}{tiny} {VIDEO_DITS[self.model].size} B={self.batch}"
         return f"{NAMES[self.model]}{tiny} {self.resolution}² B={self.batch}"
 
     @property
@@ -101,6 +104,8 @@ class Setup:
             return ROPE_VITS[self.model].tokens(self.resolution, self.tiny)
         if self.model in CURRENT_DITS:
             return CURRENT_DITS[self.model].tokens(self.resolution)
+        if self.model in VIDEO_DITS:
+            return VIDEO_DITS[self.model].tokens(self.tiny)
         side = self.resolution // (8 if self.model == "sd15" else 16)
         return side * side + (self.family == "vit")
 
@@ -197,6 +202,8 @@ def rows_for(setup: Setup) -> tuple[Row, ...]:
         return _rope_vit_rows(setup)
     if setup.model in CURRENT_DITS:
         return SANA_ROWS if setup.model == "sana" else CURRENT_ROWS
+    if setup.model in VIDEO_DITS:
+        return VIDEO_ROWS
     return VIT_ROWS if setup.family == "vit" else DIFFUSION_ROWS
 
 
@@ -244,6 +251,8 @@ def build_model(setup: Setup, device: str | torch.device, dtype: torch.dtype) ->
             return build_rope_vit(setup.model, tiny=setup.tiny)
     if setup.model in CURRENT_DITS:
         return build_current(setup, device, dtype)
+    if setup.model in VIDEO_DITS:
+        return build_video(setup, device, dtype)
     with torch.random.fork_rng(devices=[]), _construction(device, dtype):
         torch.manual_seed(0)
         if setup.family == "unet":
@@ -279,6 +288,8 @@ def model_inputs(model: torch.nn.Module, setup: Setup, device: str | torch.devic
         return rope_vit_inputs(setup.model, model, setup.batch, device, setup.tiny)
     if setup.model in CURRENT_DITS:
         return current_inputs(model, setup)
+    if setup.model in VIDEO_DITS:
+        return video_inputs(model, setup)
     if setup.family == "unet":
         from atc_patch.testing import unet_inputs
 
@@ -524,3 +535,88 @@ def current_inputs(model: torch.nn.Module, setup: Setup) -> dict:
             hidden_states_masks=torch.ones(b, side * side, dtype=x.dtype),
         )
     return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 22: the video transformers, likewise (gpu_model.py --models wan ...).
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoDiT:
+    """A video transformer: its ``atc_patch.testing`` configuration (``"<kind>-width"`` with
+    ``depth``, the published block counts), its token grid ``(frames, height, width)`` at
+    ``size`` (latent frames and packed patches) and its text tokens."""
+
+    kind: str
+    depth: Mapping[str, Any]
+    grid: tuple[int, int, int]
+    text: int
+    name: str
+    size: str
+
+    def tokens(self, tiny: bool = False) -> int:
+        f, h, w = TINY_VIDEO_GRID if tiny else self.grid
+        return f * h * w
+
+
+TINY_VIDEO_GRID = (2, 4, 4)
+VIDEO_DITS = {
+    d.kind: d
+    for d in (
+        # 81 frames / 4 + 1 = 21 latent frames; 480x832 / 8 / 2 = 30 x 52
+        VideoDiT("wan", {"num_layers": 40}, (21, 30, 52), 512, "Wan 2.1 14B", "480x832x81"),
+        VideoDiT("cogvideox", {"num_layers": 42}, (13, 30, 45), 226, "CogVideoX-5b", "480x720x49"),
+        # /32 spatial, /8 temporal, patch 1: 21 x 15 x 22
+        VideoDiT("ltx", {"num_layers": 28}, (21, 15, 22), 128, "LTX-Video 2B", "704x480x161"),
+        # 61 frames (16 latent ones) at 544x960: 16 x 34 x 60
+        VideoDiT(
+            "hunyuanvideo",
+            {"num_layers": 20, "num_single_layers": 40},
+            (16, 34, 60),
+            256,
+            "HunyuanVideo",
+            "544x960x61",
+        ),
+    )
+}
+NAMES.update({k: d.name for k, d in VIDEO_DITS.items()})
+FAMILIES.update({k: "video" for k in VIDEO_DITS})
+VIDEO_SETUPS: tuple[Setup, ...] = tuple(
+    Setup(k, int(d.size.split("x")[0]), 1) for k, d in VIDEO_DITS.items()
+)
+VIDEO_TINY_SETUPS: tuple[Setup, ...] = tuple(Setup(k, 64, 1, tiny=True) for k in VIDEO_DITS)
+# The GPU settings (docs/dit.md): 2 x 8 x 8 space-time tiles (128-token rows: the fused path
+# under backend="auto"), one plan per resolution kept for 4 calls; tome_sd alike.
+VIDEO_GPU = {**HALF, "tile": (2, 8, 8), **REUSE}
+RECOMMENDED["video"] = ("atc 2x8x8, per resolution, reuse 4", "tome_sd, per resolution, reuse 4")
+VIDEO_ROWS: tuple[Row, ...] = (
+    Row("unpatched"),
+    Row("tome_sd", "tome_sd", {**HALF, "seed": 0}),
+    Row("tome_sd, per resolution, reuse 4", "tome_sd", SAME),
+    Row("atc 2x8x8, per resolution, reuse 4", "atc", VIDEO_GPU),
+    Row("tome_sd, per resolution, reuse 4, mlp", "tome_sd", {**SAME, **_MLP}),
+    Row("atc 2x8x8, per resolution, reuse 4, mlp", "atc", {**VIDEO_GPU, **_MLP}),
+)
+
+
+def build_video(setup: Setup, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A video transformer at its published size (tiny: a few channels), eval mode."""
+    import diffusers
+
+    from atc_patch.testing import transformer_config
+
+    dit = VIDEO_DITS[setup.model]
+    name, kw = transformer_config(f"tiny-{dit.kind}" if setup.tiny else f"{dit.kind}-width")
+    with torch.random.fork_rng(devices=[]), _construction(device, dtype):
+        torch.manual_seed(0)
+        model = getattr(diffusers, name)(**(kw if setup.tiny else {**kw, **dit.depth}))
+    return model.eval()
+
+
+def video_inputs(model: torch.nn.Module, setup: Setup) -> dict:
+    """A video transformer's inputs on its grid (text: 8 tokens when tiny)."""
+    from atc_patch.testing import transformer_inputs
+
+    dit = VIDEO_DITS[setup.model]
+    f, h, w = TINY_VIDEO_GRID if setup.tiny else dit.grid
+    text = 8 if setup.tiny else dit.text
+    return transformer_inputs(model, batch=setup.batch, frames=f, height=h, width=w, seq_len=text)

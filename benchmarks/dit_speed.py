@@ -7,7 +7,10 @@ token grid = 1024x1024 px) and their text lengths (Flux-dev: 512 T5 tokens; SD3:
 HiDream, Sana) at their published width with one block of each kind
 (``atc_patch.testing.image_dits``, ``"<name>-width"``), at a realistic size each
 (:data:`CURRENT`: QwenImage 1328x1328 = 6889 tokens, Sana 1024x1024 = 1024 tokens through its
-/32 autoencoder, the others 1024x1024 = 4096). One process run times every configuration side
+/32 autoencoder, the others 1024x1024 = 4096). The video transformers (Wan 2.1 14B, CogVideoX-5b,
+LTX-Video 2B, HunyuanVideo) likewise (``atc_patch.testing.video_dits``) on a few latent frames
+of their published resolution (:data:`VIDEO`; ``--frames`` sets how many; LTX-Video at its
+full 161 frames). One process run times every configuration side
 by side on the same model and inputs, in interleaved rounds (the machines are shared and
 noisy: compare the ratios, which are taken within a round, and read their spread over rounds).
 
@@ -18,6 +21,9 @@ noisy: compare the ratios, which are taken within a round, and read their spread
     # the current image transformers, attention only and with the MLP too
     python benchmarks/dit_speed.py --models qwenimage sana --ratios 0.5 --mlp_too \
         --methods unpatched tome_sd atc-average
+    # the video transformers (one block of each kind, a few frames)
+    python benchmarks/dit_speed.py --models wan cogvideox ltx hunyuanvideo --ratios 0.5 \
+        --mlp_too --methods unpatched tome_sd atc-average
     # a smoke run
     python benchmarks/dit_speed.py --tokens 64 --width_div 16 --ratios 0.5 --rounds 1
 
@@ -77,7 +83,15 @@ CURRENT = {
     "hidream": (4096, 128),  # 1024x1024; 128 T5 + 128 Llama + 128 Llama per block = 384
     "sana": (1024, 300),  # 1024x1024 through the /32 DC-AE; Gemma-2 text
 }
-MODELS = ("flux", "sd3", *CURRENT)
+# the video transformers: ((latent frames, height, width) in tokens, text tokens); a few of the
+# frames of their published resolution on a CPU (the whole video: gpu_model.py)
+VIDEO = {
+    "wan": ((2, 30, 52), 512),  # 480x832 (of 81 frames = 21 latent ones); umT5 text
+    "cogvideox": ((3, 30, 45), 226),  # 480x720 (of 49 frames = 13 latent ones); T5 text
+    "ltx": ((21, 15, 22), 128),  # 704x480 x 161 frames: the whole video; T5 text
+    "hunyuanvideo": ((2, 34, 60), 256),  # 544x960 (of 129 frames = 33 latent ones); Llava
+}
+MODELS = ("flux", "sd3", *CURRENT, *VIDEO)
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,8 @@ def build(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, dict, int]
 
     if kind in CURRENT:
         return build_current(kind, a)
+    if kind in VIDEO:
+        return build_video(kind, a)
     name, kw = transformer_config("flux-width" if kind == "flux" else "sd3-width")
     if kind == "flux":
         kw.update(num_layers=a.double, num_single_layers=a.single)
@@ -149,6 +165,28 @@ def build_current(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, di
         torch.manual_seed(0)
         model = getattr(diffusers, name)(**kw).eval().to(a.device)
     return model, square_inputs(model, a.tokens or tokens, text, a), text
+
+
+def build_video(kind: str, a: argparse.Namespace) -> tuple[torch.nn.Module, dict, int]:
+    """A video transformer at its real width, one block of each kind (``--width_div`` > 1: the
+    tiny configuration), on :data:`VIDEO`'s grid (``--frames``: that many latent frames)."""
+    import diffusers
+
+    name, kw = transformer_config(f"tiny-{kind}" if a.width_div > 1 else f"{kind}-width")
+    (f, h, w), text = VIDEO[kind]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(diffusers, name)(**kw).eval().to(a.device)
+    inputs = transformer_inputs(model, batch=a.batch, frames=a.frames or f, height=h, width=w,
+                                seq_len=text)  # fmt: skip
+    return model, move(inputs, a.device), text
+
+
+def tokens_of(kind: str, a: argparse.Namespace) -> int:
+    if kind in VIDEO:
+        (f, h, w), _ = VIDEO[kind]
+        return (a.frames or f) * h * w
+    return a.tokens or CURRENT.get(kind, (4096,))[0]
 
 
 def square_inputs(model: torch.nn.Module, tokens: int, text: int, a: argparse.Namespace) -> dict:
@@ -289,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="image tokens, a square number (default: 4096; CURRENT per model)",
     )
+    p.add_argument("--frames", type=int, default=None, help="video latent frames (default: VIDEO)")
     p.add_argument("--text_flux", type=int, default=512, help="Flux text tokens (T5)")
     p.add_argument("--text_sd3", type=int, default=333, help="SD3 text tokens (CLIP + T5)")
     p.add_argument("--batch", type=int, default=1)
@@ -340,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         rel: dict[Config, list[float]] = {c: [] for c in todo}
         model(**inputs)  # first call: page faults of fresh buffers, paid by no configuration
         per_round = len(todo) - 1 if a.paired else len(todo)
-        n = a.tokens or CURRENT.get(kind, (4096,))[0]
+        n = tokens_of(kind, a)
         bar = tqdm(total=per_round * a.rounds, desc=f"{kind} N={n} T={text}")
         unpatched = todo[0]
 
@@ -370,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
                              vs_unpatched=round(statistics.median(rel[c]), 3),
                              vs_min=round(min(rel[c]), 3),
                              vs_max=round(max(rel[c]), 3), tokens=n))  # fmt: skip
-        if not a.no_breakdown and kind not in CURRENT:
+        if not a.no_breakdown and kind not in CURRENT and kind not in VIDEO:
             rows += breakdown(model, inputs, kind, todo, a)
         del model
 
@@ -393,11 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nbatch {a.batch}, {a.tokens or 'default'} image tokens, merge_mlp={a.merge_mlp}, "
           f"{torch.get_num_threads()} threads, device {a.device}, "
           f"{a.rounds} rounds")  # fmt: skip
-    print(f"{'model':<10}{'method':<18}{'ratio':>6}{'step s':>9}{'min-max s':>16}"
+    print(f"{'model':<13}{'method':<18}{'ratio':>6}{'step s':>9}{'min-max s':>16}"
           f"{'vs unpatched (min-max)':>25}{'vs tome_sd':>11}")  # fmt: skip
     for r in rows:
         if r["kind"] == "step":
-            print(f"{r['model']:<10}{r['method']:<18}{r['ratio']:>6}{r['step_s']:>9}"
+            print(f"{r['model']:<13}{r['method']:<18}{r['ratio']:>6}{r['step_s']:>9}"
                   f"{r['step_min_s']:>8}-{r['step_max_s']:<7}"
                   f"{r['vs_unpatched']:>10} ({r['vs_min']}-{r['vs_max']})"
                   f"{r['vs_tome_sd']!s:>11}")  # fmt: skip

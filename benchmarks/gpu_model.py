@@ -4,12 +4,14 @@
     python benchmarks/gpu_model.py --hardware h200 --per_merge_us 1.5
     python benchmarks/gpu_model.py --models sd15 --batches 2 --rows unpatched "atc triton"
     python benchmarks/gpu_model.py --models qwenimage flux2 sana   # issue 22's image DiTs
+    python benchmarks/gpu_model.py --models wan       # Wan 2.1 14B, 480x832 x 81 frames
 
 Every setup of ``_steps.SETUPS`` (SD-1.5 UNet at 512² and 1024², SDXL UNet at 1024², FLUX.1-dev
 transformer at 1024² and 2048², batch 1 and 2; DeiT-S at 224², batch 256; with ``--models``
 naming them, ``_steps.CURRENT_SETUPS``: QwenImage, Z-Image, FLUX.2, Chroma, CogView4, HiDream,
-Sana) is built from its real configuration on the meta device (random init, bf16), patched as
-each row of ``_steps.DIFFUSION_ROWS`` / ``VIT_ROWS`` / ``CURRENT_ROWS`` says, and called once
+Sana; ``_steps.VIDEO_SETUPS``: Wan 2.1 14B, CogVideoX-5b, LTX-Video, HunyuanVideo) is built
+from its real configuration on the meta device (random init, bf16), patched as each row of
+``_steps.DIFFUSION_ROWS`` / ``VIT_ROWS`` / ``CURRENT_ROWS`` / ``VIDEO_ROWS`` says, and called once
 (``reuse_steps=k``: k calls with a moving timestep, averaged) under the roofline
 :class:`~_costmodel.CostModel`. Nothing runs on
 a GPU: every figure is **modelled**, from these rules and constants (all printed in the run's
@@ -60,6 +62,8 @@ from _steps import (
     RECOMMENDED,
     SETUPS,
     TINY_SETUPS,
+    VIDEO_SETUPS,
+    VIDEO_TINY_SETUPS,
     Row,
     Setup,
     apply_row,
@@ -235,7 +239,7 @@ def claims(rows: list[dict]) -> list[str]:
 def goals(rows: list[dict]) -> list[str]:
     """Issue 21's goals on the recommended rows (``_steps.RECOMMENDED``), markdown lines."""
     ok = {(r["setup"], r["label"]): r for r in rows if r["status"] == "ok" and "ms" in r}
-    setups = list(dict.fromkeys(r["setup"] for r in rows if FAMILIES[r["model"]] != "vit"))
+    setups = list(dict.fromkeys(r["setup"] for r in rows if FAMILIES[r["model"]] in RECOMMENDED))
     lines = ["| setup | recommended row | ratio | vs tome_sd (same tokens removed) | goal |",
              "|---|---|---|---|---|"]  # fmt: skip
     for setup in setups:
@@ -325,7 +329,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         nargs="+",
-        choices=sorted({s.model for s in SETUPS + CURRENT_SETUPS}),
+        choices=sorted({s.model for s in SETUPS + CURRENT_SETUPS + VIDEO_SETUPS}),
         help="setups of these models only (issue 22's image transformers only when named)",
     )
     p.add_argument("--resolutions", nargs="+", type=int, help="setups at these sizes only")
@@ -347,6 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pool = TINY_SETUPS if args.tiny else SETUPS
     if args.models:  # issue 22's image transformers when named
         pool += CURRENT_TINY_SETUPS if args.tiny else CURRENT_SETUPS
+        pool += VIDEO_TINY_SETUPS if args.tiny else VIDEO_SETUPS
     setups = [
         s
         for s in pool
