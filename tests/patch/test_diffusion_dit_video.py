@@ -15,9 +15,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import same_partition
 from kernel.test_atc import scipy_cuts
 from kernel.test_tiles import tile_rs, tiles_of, tome_sd_reference
+from torch.overrides import TorchFunctionMode
 
 import atc_patch
 from atc_patch.kernel import cluster_tokens
@@ -258,6 +260,65 @@ def test_rotary_tables_follow_the_plan(kind):
         assert not torch.allclose(pairs, ref[:, :, o : o + n : 2])  # the positions differ
 
 
+class _SDPAKeys(TorchFunctionMode):
+    """Records the ``key`` of every ``F.scaled_dot_product_attention`` call it sees (as the
+    outer mode: after ``merge="kv"``'s own mode has merged them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.keys.append(args[1] if len(args) > 1 else kwargs["key"])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def sdpa_keys(module: torch.nn.Module):
+    """The keys of the SDPA calls made while ``module`` runs."""
+    mode = _SDPAKeys()
+
+    def enter(*args) -> None:
+        mode.__enter__()
+
+    def leave(*args) -> None:
+        mode.__exit__(None, None, None)
+
+    hooks = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield mode.keys
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("kind", VIDEO)
+def test_kv_merges_the_image_keys_only(kind):
+    """``merge="kv"``: the self- or joint attention keeps every query; its image keys become
+    ``N / 2`` cluster means and its text keys (CogVideoX's in front, HunyuanVideo's after the
+    image's) are the unpatched ones; ``merge_crossattn`` (Wan, LTX-Video) keeps merging the
+    cross-attention's queries."""
+    model = model_of(kind)
+    inputs = inputs_of(model)
+    block = transformer_blocks(model)[0]
+    attn = getattr(block, "attn1", None) or block.attn
+    with sdpa_keys(attn) as plain:
+        run(model, inputs)
+    cross = {"merge_crossattn": True} if kind in ("tiny-wan", "tiny-ltx") else {}
+    atc_patch.apply_patch(model, "atc", ratio=0.5, blocks=[0], merge="kv", **cross)
+    with sdpa_keys(attn) as merged:
+        run(model, inputs)
+    n, o = 3 * 4 * 6, TEXT_IN_ATTENTION[kind]
+    k, mk = plain[0], merged[0]
+    if k.shape[1] != mk.shape[1]:  # (B, S, H, D) from diffusers' dispatch: to (B, H, S, D)
+        k, mk = k.transpose(1, 2), mk.transpose(1, 2)
+    assert mk.shape[2] == k.shape[2] - n // 2, (k.shape, mk.shape)
+    torch.testing.assert_close(mk[:, :, :o], k[:, :, :o])
+    torch.testing.assert_close(mk[:, :, o + n // 2 :], k[:, :, o + n :])
+
+
 # ---------------------------------------------------------------------------------------------
 # conditioning frames never merge
 # ---------------------------------------------------------------------------------------------
@@ -425,3 +486,23 @@ def test_a_failed_pipeline_apply_leaves_both_as_they_were():
     assert atc_patch.patch_settings(pipe.transformer_2) is None
     for t, ref in zip((pipe.transformer, pipe.transformer_2), before):
         assert torch.equal(run(t, inputs), ref)
+
+
+@pytest.mark.parametrize("kind", ["tiny-pixart", "tiny-unet"])
+def test_kv_keeps_merging_cross_attention_queries(kind):
+    """``merge="kv"`` with ``merge_crossattn`` on the image models with cross-attention: the
+    cross-attention (keys: the text) keeps merging its queries instead of raising that its
+    attention was not over its own tokens; it changes the output beyond kv alone."""
+    from atc_patch.testing import build_unet, unet_inputs
+
+    if kind == "tiny-unet":
+        model, inputs = build_unet(), None
+        inputs = unet_inputs(model, batch=2, height=8, width=8)
+    else:
+        model = build_transformer(kind)
+        inputs = transformer_inputs(model, batch=2, height=8, width=8)
+    outs = []
+    for cross in (False, True):
+        atc_patch.apply_patch(model, "atc", ratio=0.5, merge="kv", merge_crossattn=cross)
+        outs.append(run(model, inputs))
+    assert not torch.equal(*outs)

@@ -47,14 +47,15 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 def sublayers(spec: core.BlockSpec, block: nn.Module) -> list[tuple[str, Callable[..., Any], Span]]:
     """``(attribute, forward, span)`` of the sublayers of ``spec`` in ``block``:
-    :func:`merge_around`, or under ``merge="kv"`` :func:`kv_around` for the attention modules
-    (those with a diffusers attention ``processor``); the other spans then merge and unmerge
-    their own tokens (a span that only unmerged others' outputs has nothing left to do)."""
+    :func:`merge_around`, or under ``merge="kv"`` :func:`kv_around` for the self- and joint
+    attention modules (those with a diffusers attention ``processor``, not ``Span.cross``); the
+    other spans then merge and unmerge their own tokens (a span that only unmerged others'
+    outputs has nothing left to do)."""
     if spec.config.merge != "kv":
         return [(name, merge_around, span) for name, span in spec.spans]
     out = []
     for name, span in spec.spans:
-        if hasattr(getattr(block, name), "processor"):
+        if hasattr(getattr(block, name), "processor") and not span.cross:
             out.append((name, kv_around, span))
         elif span.merge_in:  # (a span that only unmerges others' outputs has nothing to do)
             out.append((name, merge_around, dataclasses.replace(span, unmerge_out=True)))

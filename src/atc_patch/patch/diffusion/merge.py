@@ -93,7 +93,9 @@ class Span:
         image_keys: under ``merge="kv"`` (:mod:`.kv`), where the sublayer's own sequence lies
             among the attention's keys when its text comes as a separate argument: ``"last"``
             (after the text: Flux, QwenImage, CogView4) or ``"first"`` (before the text: SD3's
-            joint attention).
+            joint attention, HunyuanVideo).
+        cross: a cross-attention whose queries merge (``merge_crossattn``; its keys are the
+            text): under ``merge="kv"`` it keeps merging its tokens.
     """
 
     merge_in: bool = True
@@ -104,6 +106,7 @@ class Span:
     rotary: Rotary | None = None
     once: bool = False
     image_keys: str = "last"
+    cross: bool = False
 
 
 def merge_around(module: nn.Module, span: Span, index: int, *args: Any, **kwargs: Any) -> Any:

@@ -77,7 +77,7 @@ def apply(unet: nn.Module, config: DiffusionConfig) -> dict[str, Any]:
         (name, span)
         for name, span, on in (
             ("attn1", Span(mask="keys"), config.merge_attn),
-            ("attn2", Span(), config.merge_crossattn),
+            ("attn2", Span(cross=True), config.merge_crossattn),
             ("ff", Span(), config.merge_mlp),
         )
         if on

@@ -17,13 +17,13 @@ from ._table import Blocks, Model, latent_call
 
 def _basic(c: DiffusionConfig) -> dict[str, Span]:  # PixArt / DiT BasicTransformerBlock
     out = {"attn1": Span(mask="keys")} if c.merge_attn else {}
-    out.update({"attn2": Span()} if c.merge_crossattn else {})  # queries; the text keys stay
+    out.update({"attn2": Span(cross=True)} if c.merge_crossattn else {})  # queries; text keys stay
     return {**out, **({"ff": Span()} if c.merge_mlp else {})}
 
 
 def _sana(c: DiffusionConfig) -> dict[str, Span]:  # SanaTransformerBlock
     out = {"attn1": Span()} if c.merge_attn else {}
-    return {**out, **({"attn2": Span()} if c.merge_crossattn else {})}
+    return {**out, **({"attn2": Span(cross=True)} if c.merge_crossattn else {})}
 
 
 SANA_MLP = (

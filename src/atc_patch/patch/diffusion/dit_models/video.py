@@ -53,7 +53,7 @@ WAN_ROTARY = Rotary(arg=(3, "rotary_emb"), parts=(0, 1), batched=True, after_tex
 def _wan(c: DiffusionConfig) -> dict[str, Span]:  # WanTransformerBlock
     # attn1(x, None, None, rotary_emb): all positional, no mask; attn2(x, text, None, None).
     out = {"attn1": Span(rotary=WAN_ROTARY)} if c.merge_attn else {}
-    out.update({"attn2": Span()} if c.merge_crossattn else {})  # queries; the text keys stay
+    out.update({"attn2": Span(cross=True)} if c.merge_crossattn else {})  # queries; text keys stay
     return {**out, **({"ffn": Span()} if c.merge_mlp else {})}
 
 
@@ -72,7 +72,7 @@ LTX_ROTARY = Rotary(parts=(0, 1), batched=True, after_text=False)  # (B, N, D) e
 def _ltx(c: DiffusionConfig) -> dict[str, Span]:  # LTXVideoTransformerBlock
     # attn2(x, encoder_hidden_states=text, attention_mask=text bias): the text keys stay.
     out = {"attn1": Span(rotary=LTX_ROTARY)} if c.merge_attn else {}
-    out.update({"attn2": Span()} if c.merge_crossattn else {})
+    out.update({"attn2": Span(cross=True)} if c.merge_crossattn else {})
     return {**out, **({"ff": Span()} if c.merge_mlp else {})}
 
 
@@ -81,7 +81,8 @@ HUNYUAN_MASK = JointMask()  # (B, 1, 1, N + T) bool, [image, text] columns, buil
 
 
 def _hunyuan_double(c: DiffusionConfig) -> dict[str, Span]:  # HunyuanVideo(TokenReplace)Block
-    attn = Span(mask=HUNYUAN_MASK, rotary=HUNYUAN_ROTARY)  # returns (image, text)
+    # returns (image, text); its processor puts the image keys before the text keys
+    attn = Span(mask=HUNYUAN_MASK, rotary=HUNYUAN_ROTARY, image_keys="first")
     return {**({"attn": attn} if c.merge_attn else {}), **({"ff": Span()} if c.merge_mlp else {})}
 
 
@@ -89,7 +90,7 @@ def _hunyuan_single(c: DiffusionConfig) -> dict[str, Span]:  # ...SingleTransfor
     # proj_mlp sees [image, text], attn the image part (and the text as a separate argument),
     # proj_out cat(attention, MLP) on [image, text]: per token, so with both merged the
     # unmerge moves after proj_out (as for Flux's single-stream blocks, the text at the end).
-    attn = Span(mask=HUNYUAN_MASK, rotary=HUNYUAN_ROTARY)
+    attn = Span(mask=HUNYUAN_MASK, rotary=HUNYUAN_ROTARY, image_keys="first")
     if c.merge_attn and c.merge_mlp:
         return {
             "attn": dataclasses.replace(attn, unmerge_out=False),
