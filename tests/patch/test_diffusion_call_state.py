@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 
 import pytest
@@ -293,7 +294,9 @@ def _shape_only_kernel(kernel):
         b, n, _ = metric.shape
         cap = max_reduction(method, n)
         if method == "tome_sd":
-            cap = n - (kw["h"] // kw["sy"]) * (kw["w"] // kw["sx"])
+            grid = kw.get("grid") or (kw["h"], kw["w"])
+            window = (kw.get("st") or 1, kw["sy"], kw["sx"])[3 - len(grid) :]
+            cap = n - math.prod(g // s for g, s in zip(grid, window))
         labels = torch.empty(b, n, dtype=torch.long, device="meta")
         return MergePlan(labels, n - min(r, cap), validate=False)
 
