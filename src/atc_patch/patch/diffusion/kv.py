@@ -45,9 +45,7 @@ from .merge import Span, merge_around
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def sublayers(
-    spec: core.BlockSpec, block: nn.Module
-) -> list[tuple[str, Callable[..., Any], Span]]:
+def sublayers(spec: core.BlockSpec, block: nn.Module) -> list[tuple[str, Callable[..., Any], Span]]:
     """``(attribute, forward, span)`` of the sublayers of ``spec`` in ``block``:
     :func:`merge_around`, or under ``merge="kv"`` :func:`kv_around` for the attention modules
     (those with a diffusers attention ``processor``); the other spans then merge and unmerge
