@@ -235,7 +235,7 @@ def claims(rows: list[dict]) -> list[str]:
 def goals(rows: list[dict]) -> list[str]:
     """Issue 21's goals on the recommended rows (``_steps.RECOMMENDED``), markdown lines."""
     ok = {(r["setup"], r["label"]): r for r in rows if r["status"] == "ok" and "ms" in r}
-    setups = list(dict.fromkeys(r["setup"] for r in rows if FAMILIES[r["model"]] != "vit"))
+    setups = list(dict.fromkeys(r["setup"] for r in rows if FAMILIES[r["model"]] in RECOMMENDED))
     lines = ["| setup | recommended row | ratio | vs tome_sd (same tokens removed) | goal |",
              "|---|---|---|---|---|"]  # fmt: skip
     for setup in setups:
