@@ -43,7 +43,10 @@ MODELS = {
     ),
     "DiTTransformer2DModel": Model((Blocks("transformer_blocks", _basic),), latent_call),
     "SanaTransformer2DModel": Model(
-        (Blocks("transformer_blocks", _sana),), latent_call, cross_attention=True, no_mlp=SANA_MLP,
+        (Blocks("transformer_blocks", _sana),),
+        latent_call,
+        cross_attention=True,
+        no_mlp=SANA_MLP,
         no_kv=SANA_KV,
     ),
 }
