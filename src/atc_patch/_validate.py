@@ -17,28 +17,6 @@ from typing import Any
 
 import numpy as np
 
-# Options one family has that users bring from another one: what to pass instead.
-CROSS_FAMILY_HINTS: dict[str, dict[str, str]] = {
-    "vit": {
-        "ratio": "a ViT is reduced by r (tokens removed per block) or keep_rate with "
-        "reduction_loc; ratio is the diffusion models' option",
-        "max_downsample": "max_downsample is a diffusion-model option",
-        "sx": "sx/sy/use_rand/seed belong to method='tome_sd' on diffusion models",
-        "sy": "sx/sy/use_rand/seed belong to method='tome_sd' on diffusion models",
-        "use_rand": "sx/sy/use_rand/seed belong to method='tome_sd' on diffusion models",
-        "seed": "sx/sy/use_rand/seed belong to method='tome_sd' on diffusion models",
-    },
-    "diffusion": {
-        "r": "diffusion models take ratio (the fraction of each block's tokens removed), not r",
-        "keep_rate": "diffusion models take ratio (the fraction of each block's tokens removed)",
-        "reduction_loc": "diffusion models choose blocks with max_downsample, not reduction_loc",
-        "r_schedule": "diffusion models take one ratio for every patched block",
-        "prop_attn": "proportional attention is a ViT option (diffusion patches unmerge after "
-        "attention)",
-        "trace_source": "trace_source is a ViT option",
-    },
-}
-
 
 def check_options(
     family: str,
@@ -52,7 +30,7 @@ def check_options(
         family: what is being patched, for the message (e.g. ``"timm ViT"``).
         options: the keyword options given by the user.
         valid: the option names this family/method accepts.
-        hints: per unknown name, what to pass instead (e.g. :data:`CROSS_FAMILY_HINTS`).
+        hints: per unknown name, what to pass instead (e.g. :data:`atc_patch.patch.config.HINTS`).
 
     Raises:
         ValueError: listing the unknown names, the valid ones, and a hint for each known

@@ -484,3 +484,52 @@ def test_chroma_pipeline_patch_and_remove():
     patched = gen()
     atc_patch.remove_patch(pipe)
     assert (patched != ref).any() and (gen() == ref).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# merge="kv": every attention of every block merges its image keys; Sana refuses at apply
+# ---------------------------------------------------------------------------------------------
+class _KeyCounts(torch.overrides.TorchFunctionMode):
+    """Record ``(queries, keys)`` of every ``F.scaled_dot_product_attention`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q = args[0] if args else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs["key"]
+            self.calls.append((int(q.shape[-2]), int(k.shape[-2])))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "tiny-sana"])
+def test_kv_merges_the_image_keys_of_every_attention(kind):
+    """With ratio 0.5 the attention of every patched block keeps its queries and sees 12 of
+    the 24 image keys fewer (text, references and padding keys stay); text-only attention
+    (Z-Image's context refiner) is left alone."""
+    model = model_of(kind)
+    inputs = inputs_of(model, batch=1)
+    with _KeyCounts() as plain:
+        ref = run(model, inputs)
+    atc_patch.apply_patch(model, "atc", ratio=0.5, merge="kv")
+    with _KeyCounts() as merged:
+        out = run(model, inputs)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert len(merged.calls) == len(plain.calls) > 0
+    assert [q for q, _ in merged.calls] == [q for q, _ in plain.calls]
+    fewer = [k0 - k for (_, k0), (_, k) in zip(plain.calls, merged.calls)]
+    assert set(fewer) <= {0, 12}, (plain.calls, merged.calls)
+    assert fewer.count(12) == atc_patch.patch_settings(model)["num_blocks"]
+
+
+def test_kv_on_sana_is_refused_at_apply_and_leaves_the_model_as_it_was():
+    model = model_of("tiny-sana")
+    inputs = inputs_of(model)
+    ref = run(model, inputs)
+    with pytest.raises(ValueError, match="linear attention.*merge='tokens'"):
+        atc_patch.apply_patch(model, "atc", ratio=0.5, merge="kv")
+    assert atc_patch.patch_settings(model) is None
+    assert torch.equal(run(model, inputs), ref)

@@ -398,3 +398,60 @@ def test_features_only_model_is_patched_through_its_vit():
     assert atc_patch.patch_settings(fm) is None and atc_patch.patch_settings(fm.model) is None
     with torch.no_grad():
         assert _equal(fm(x), plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same weights in timm and transformers: the same merges, the same tokens
+# ---------------------------------------------------------------------------------------------
+def _vit_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A transformers ``ViTModel`` and a timm ``VisionTransformer`` holding the same weights
+    (float64, 4 blocks, 64 patches)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+        image_size=32, patch_size=4, layer_norm_eps=1e-6, hidden_act="gelu",
+    )  # fmt: skip
+    hf = transformers.ViTModel(cfg, add_pooling_layer=False).double().eval()
+    tm = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2, num_classes=0
+    ).double().eval()  # fmt: skip
+    emb = hf.embeddings
+    state = {
+        "cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
+        "patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
+        "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
+        "norm.weight": hf.layernorm.weight, "norm.bias": hf.layernorm.bias,
+    }  # fmt: skip
+    for i, layer in enumerate(hf.layers):
+        a = layer.attention
+        for name, ours, theirs in (
+            ("norm1", "layernorm_before", None), ("norm2", "layernorm_after", None),
+            ("attn.proj", None, a.o_proj), ("mlp.fc1", None, layer.mlp.fc1),
+            ("mlp.fc2", None, layer.mlp.fc2),
+        ):  # fmt: skip
+            module = theirs if theirs is not None else getattr(layer, ours)
+            state[f"blocks.{i}.{name}.weight"] = module.weight
+            state[f"blocks.{i}.{name}.bias"] = module.bias
+        projections = (a.q_proj, a.k_proj, a.v_proj)
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([p.weight for p in projections])
+        state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([p.bias for p in projections])
+    tm.load_state_dict({k: v.detach() for k, v in state.items()})
+    return hf, tm
+
+
+@pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
+def test_timm_and_transformers_with_the_same_weights_merge_alike(method):
+    """Both families run the same kernel on the same keys: the same partitions and tokens
+    (a user switching libraries gets the same reduced model)."""
+    hf, tm = _vit_pair()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(hf(x).last_hidden_state, tm.forward_features(x), atol=1e-12)
+        atc_patch.apply_patch(hf, method, r=10, trace_source=True)
+        atc_patch.apply_patch(tm, method, r=10, trace_source=True)
+        ours, theirs = hf(x).last_hidden_state, tm.forward_features(x)
+    assert ours.shape == theirs.shape == (2, 65 - 40, 64)
+    assert torch.equal(last_source(hf), last_source(tm))
+    assert torch.allclose(ours, theirs, atol=1e-12)

@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from .._validate import CROSS_FAMILY_HINTS, check_options
+from .._validate import check_options
 from ..patch import apply_patch
+from ..patch.config import HINTS
 from .deit import build_deit, check_state_dict, eval_pretrained_cfg
 from .hub import resolve
 from .safe_load import load_checkpoint, select_state_dict
@@ -65,7 +66,7 @@ def load_pretrained(
         FileNotFoundError: see :func:`atc_patch.pretrained.resolve`.
         UnsafeCheckpointError: see :func:`atc_patch.pretrained.load_checkpoint`.
     """
-    check_options("load_pretrained", overrides, PATCH_OPTIONS, CROSS_FAMILY_HINTS["vit"])
+    check_options("load_pretrained", overrides, PATCH_OPTIONS, HINTS["vit"])
     found = resolve(
         source,
         keep_rate=overrides.get("keep_rate"),

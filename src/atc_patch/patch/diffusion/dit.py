@@ -97,6 +97,8 @@ def _check(name: str, model: Model, config: DiffusionConfig) -> None:
     check_grid_options(config, model.video, name)
     if config.merge_mlp and model.no_mlp:
         raise ValueError(f"merge_mlp=True cannot apply to {name}: {model.no_mlp}")
+    if config.merge == "kv" and model.no_kv:
+        raise ValueError(f"merge='kv' cannot apply to {name}: {model.no_kv}")
 
 
 def remove(root: nn.Module) -> None:

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from ...kernel.plan import MergePlan
 from .._override import original
 from . import core
-from .merge import Span, merge_around
+from .merge import Span, _get, merge_around, warn_unmerged
 
 # F.scaled_dot_product_attention's parameters (a builtin: no signature to inspect).
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -71,11 +71,16 @@ def kv_around(module: nn.Module, span: Span, index: int, *args: Any, **kwargs: A
     if plan is None:
         return forward(*args, **kwargs)
     x = args[0] if args else kwargs["hidden_states"]
-    text = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    text = _get(args, kwargs, span.text)
     b, n, start = plan.labels.shape[0], plan.num_in, active.start(span.after_text)
     cross = span.mask == "keys" and text is not None
     if x.dim() != 3 or x.shape[0] != b or x.shape[1] < start + n or cross:
-        _warn_unmerged(module, tuple(x.shape), (b, start + n))
+        warn_unmerged(
+            module,
+            f"hidden states of shape {tuple(x.shape)}, not its own (B, N) = {(b, start + n)} "
+            "tokens as keys",
+            "merge='kv'; e.g. cross-attention in a self-attention slot",
+        )
         return forward(*args, **kwargs)
     extra = int(text.shape[1]) if isinstance(text, Tensor) else 0  # a separate text stream
     keys = int(x.shape[1]) + extra

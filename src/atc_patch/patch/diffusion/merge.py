@@ -93,7 +93,9 @@ class Span:
         image_keys: under ``merge="kv"`` (:mod:`.kv`), where the sublayer's own sequence lies
             among the attention's keys when its text comes as a separate argument: ``"last"``
             (after the text: Flux, QwenImage, CogView4) or ``"first"`` (before the text: SD3's
-            joint attention, HunyuanVideo).
+            joint attention, HiDream, HunyuanVideo).
+        text: under ``merge="kv"``, the ``(position, name)`` of the sublayer's separate text
+            stream argument.
         cross: a cross-attention whose queries merge (``merge_crossattn``; its keys are the
             text): under ``merge="kv"`` it keeps merging its tokens.
     """
@@ -106,6 +108,7 @@ class Span:
     rotary: Rotary | None = None
     once: bool = False
     image_keys: str = "last"
+    text: Arg = (1, "encoder_hidden_states")
     cross: bool = False
 
 
@@ -126,7 +129,11 @@ def merge_around(module: nn.Module, span: Span, index: int, *args: Any, **kwargs
     if span.merge_in:
         n = start + plan.num_in
         if x.dim() != 3 or x.shape[0] != plan.labels.shape[0] or x.shape[1] < n:
-            _warn_unmerged(module, tuple(x.shape), (plan.labels.shape[0], n))
+            warn_unmerged(
+                module,
+                f"tokens of shape {tuple(x.shape)}, not (B, >= N) = {(plan.labels.shape[0], n)}",
+                "e.g. feed-forward chunking with merge_mlp=True, set_chunk_feed_forward",
+            )
             return forward(*args, **kwargs)
         args, kwargs = _merged_mask(plan, span, active, args, kwargs)
         x = _seq(plan.merge, start, plan.num_in, x)
@@ -181,12 +188,12 @@ def _seq(step: Any, start: int, n: int, x: Tensor) -> Tensor:
     return torch.cat([p for p in parts if p.shape[1]], dim=1)
 
 
-def _warn_unmerged(module: nn.Module, got: tuple[int, ...], want: tuple[int, int]) -> None:
+def warn_unmerged(module: nn.Module, what: str, why: str) -> None:
+    """Warn (outside compilation) that ``module`` of a patched block runs unmerged: it got
+    ``what`` instead of its own tokens, e.g. because of ``why``."""
     if not torch.compiler.is_compiling():
         warnings.warn(
-            f"token merging: a {type(module).__name__} of a patched block got tokens of shape "
-            f"{got}, not (B, >= N) = {want} (e.g. feed-forward chunking with merge_mlp=True, "
-            "set_chunk_feed_forward): it runs unmerged",
+            f"{type(module).__name__} of a patched block got {what} ({why}): it runs unmerged",
             stacklevel=4,
         )
 

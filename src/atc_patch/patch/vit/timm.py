@@ -182,19 +182,11 @@ def _forward(
 
 
 def _forward_intermediates(
-    vit: nn.Module,
-    patch: ViTPatch,
-    x: Tensor,
-    indices: int | list[int] | None = None,
-    return_prefix_tokens: bool = False,
-    norm: bool = False,
-    stop_early: bool = False,
-    output_fmt: str = "NCHW",
-    intermediates_only: bool = False,
-    output_dict: bool = False,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
-) -> Any:
+    vit: nn.Module, patch: ViTPatch, x: Tensor, indices: int | list[int] | None = None,
+    return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+    output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+    attn_mask: Tensor | None = None, is_causal: bool = False,
+) -> Any:  # fmt: skip
     """timm's ``forward_intermediates`` with token reduction (same arguments and outputs).
 
     Every intermediate is the reduced block output unmerged back to the full token grid
@@ -207,10 +199,23 @@ def _forward_intermediates(
             x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
             output_dict, attn_mask=attn_mask, is_causal=is_causal,
         )  # fmt: skip
+    return reduced_intermediates(
+        vit, patch, x, lambda: _tokens(vit, x, attn_mask), is_causal, indices, stop_early,
+        output_fmt, norm, return_prefix_tokens, intermediates_only, output_dict,
+    )  # fmt: skip
+
+
+def reduced_intermediates(
+    vit: nn.Module, patch: ViTPatch, x: Tensor, embed: Callable[[], Tokens], is_causal: bool,
+    indices: int | list[int] | None, stop_early: bool, output_fmt: str, norm: bool,
+    return_prefix_tokens: bool, intermediates_only: bool, output_dict: bool = False,
+) -> Any:  # fmt: skip
+    """The reduced ``forward_intermediates`` of a model whose patch embedding takes ``(B, 3,
+    H, W)`` images ``x``: run the blocks on ``embed()`` and unmerge the intermediates."""
     check_format(output_fmt)
     check_traceable(patch, x)
     take, last = take_indices(vit, indices, stop_early)
-    tokens, taken = run_blocks(vit, patch, _tokens(vit, x, attn_mask), is_causal, take, last)
+    tokens, taken = run_blocks(vit, patch, embed(), is_causal, take, last)
     hw = vit.patch_embed.dynamic_feat_size(x.shape[-2:])
     return intermediates_out(
         vit, tokens, taken, hw, output_fmt, norm, return_prefix_tokens, intermediates_only,

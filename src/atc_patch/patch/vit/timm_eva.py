@@ -40,12 +40,10 @@ from . import (
 from .timm import (
     BlockTable,
     check_blocks,
-    check_format,
     forward_head,
-    intermediates_out,
     patch_blocks,
+    reduced_intermediates,
     run_blocks,
-    take_indices,
 )
 
 
@@ -103,18 +101,11 @@ def _forward_features(
 
 
 def _forward_intermediates(
-    vit: nn.Module,
-    patch: ViTPatch,
-    x: Tensor,
-    indices: int | list[int] | None = None,
-    return_prefix_tokens: bool = False,
-    norm: bool = False,
-    stop_early: bool = False,
-    output_fmt: str = "NCHW",
-    intermediates_only: bool = False,
-    attn_mask: Tensor | None = None,
+    vit: nn.Module, patch: ViTPatch, x: Tensor, indices: int | list[int] | None = None,
+    return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+    output_fmt: str = "NCHW", intermediates_only: bool = False, attn_mask: Tensor | None = None,
     is_causal: bool = False,
-) -> Any:
+) -> Any:  # fmt: skip
     """timm's ``Eva.forward_intermediates`` with token reduction (same arguments and outputs):
     every intermediate unmerged back to the full token grid (the unpatched shape), the final
     features the reduced ``(B, N', C)`` tokens."""
@@ -123,14 +114,10 @@ def _forward_intermediates(
             x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
             attn_mask=attn_mask, is_causal=is_causal,
         )  # fmt: skip
-    check_format(output_fmt)
-    check_traceable(patch, x)
-    take, last = take_indices(vit, indices, stop_early)
-    tokens, taken = run_blocks(vit, patch, _tokens(vit, x, attn_mask), is_causal, take, last)
-    hw = vit.patch_embed.dynamic_feat_size(x.shape[-2:])
-    return intermediates_out(
-        vit, tokens, taken, hw, output_fmt, norm, return_prefix_tokens, intermediates_only
-    )
+    return reduced_intermediates(
+        vit, patch, x, lambda: _tokens(vit, x, attn_mask), is_causal, indices, stop_early,
+        output_fmt, norm, return_prefix_tokens, intermediates_only,
+    )  # fmt: skip
 
 
 def _tokens(vit: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tokens:

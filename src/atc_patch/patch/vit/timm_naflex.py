@@ -101,20 +101,13 @@ def _forward_features(
 
 
 def _forward_intermediates(
-    vit: nn.Module,
-    patch: ViTPatch,
-    x: Tensor | dict[str, Tensor],
-    indices: int | list[int] | None = None,
-    return_prefix_tokens: bool = False,
-    norm: bool = False,
-    stop_early: bool = False,
-    output_fmt: str = "NCHW",
-    intermediates_only: bool = False,
-    output_dict: bool = False,
-    patch_coord: Tensor | None = None,
-    patch_valid: Tensor | None = None,
+    vit: nn.Module, patch: ViTPatch, x: Tensor | dict[str, Tensor],
+    indices: int | list[int] | None = None, return_prefix_tokens: bool = False,
+    norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+    intermediates_only: bool = False, output_dict: bool = False,
+    patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
     attn_mask: Tensor | None = None,
-) -> Any:
+) -> Any:  # fmt: skip
     """timm's ``NaFlexVit.forward_intermediates`` with token reduction (same arguments and
     outputs): every intermediate unmerged to the input's ``L`` slots (images: the ``H x W``
     grid), the final features the reduced ``(B, N', C)`` tokens. NaFlex batches: ``"NLC"``

@@ -86,13 +86,15 @@ Reader = Callable[[Args, tuple, dict], Call]
 class Model:
     """A transformer class: its block groups in execution order, its call reader, whether it
     has cross-attention to text (``merge_crossattn``: its queries), why its MLP cannot run
-    on merged tokens (``no_mlp``; ``None``: it can), and whether its token grid is a video's
-    ``(t, h, w)`` (``st`` and 3-D tiles) or an image's ``(h, w)``."""
+    on merged tokens (``no_mlp``) or its attention cannot merge keys and values (``no_kv``,
+    ``merge="kv"``; ``None``: it can), and whether its token grid is a video's ``(t, h, w)``
+    (``st`` and 3-D tiles) or an image's ``(h, w)``."""
 
     blocks: tuple[Blocks, ...]
     read: Reader
     cross_attention: bool = False
     no_mlp: str | None = None
+    no_kv: str | None = None
     video: bool = False
 
 

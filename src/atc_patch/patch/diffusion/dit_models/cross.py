@@ -32,12 +32,21 @@ SANA_MLP = (
     "cross-attention queries (merge_crossattn) instead"
 )
 
+SANA_KV = (
+    "Sana's self-attention is ReLU linear attention (no softmax, no scaled_dot_product_attention "
+    "call whose keys could be merged); use merge='tokens'"
+)
+
 MODELS = {
     "PixArtTransformer2DModel": Model(
         (Blocks("transformer_blocks", _basic),), latent_call, cross_attention=True
     ),
     "DiTTransformer2DModel": Model((Blocks("transformer_blocks", _basic),), latent_call),
     "SanaTransformer2DModel": Model(
-        (Blocks("transformer_blocks", _sana),), latent_call, cross_attention=True, no_mlp=SANA_MLP
+        (Blocks("transformer_blocks", _sana),),
+        latent_call,
+        cross_attention=True,
+        no_mlp=SANA_MLP,
+        no_kv=SANA_KV,
     ),
 }

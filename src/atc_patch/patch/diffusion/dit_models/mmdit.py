@@ -52,7 +52,12 @@ HIDREAM_MASK = JointMask(arg=(1, "hidden_states_masks"))  # (B, N_pad [+ T]), mu
 
 def _hidream(c: DiffusionConfig) -> dict[str, Span]:  # HiDreamImage(Single)TransformerBlock
     # double: returns (image, text); its processor puts the image keys before the text keys
-    attn = Span(mask=HIDREAM_MASK, rotary=HIDREAM_ROTARY, image_keys="first")
+    attn = Span(
+        mask=HIDREAM_MASK,
+        rotary=HIDREAM_ROTARY,
+        image_keys="first",
+        text=(2, "norm_encoder_hidden_states"),
+    )
     out = {"attn1": attn} if c.merge_attn else {}
     return {**out, **({"ff_i": Span()} if c.merge_mlp else {})}
 
