@@ -102,9 +102,7 @@ def _hunyuan_single(c: DiffusionConfig) -> dict[str, Span]:  # ...SingleTransfor
     return {"proj_mlp": Span()} if c.merge_mlp else {}
 
 
-def video_call(
-    grid: tuple[int, int, int], timestep: Any, text: int | None = None, first_frame: bool = False
-) -> Call:
+def video_call(grid: tuple[int, int, int], timestep: Any, first_frame: bool = False) -> Call:
     """A call on a ``(t, h, w)`` token grid. The first frame's ``h * w`` tokens never merge
     when they are an image-to-video conditioning frame: ``first_frame`` (the model says so),
     or a per-token ``timestep`` ``(B, N)``, where every later token must have the last token's
@@ -123,9 +121,7 @@ def video_call(
         timestep = timestep[:, -1]
     if skip:
         grid = (grid[0] - 1, grid[1], grid[2])
-    return Call(
-        functools.partial(fixed_grid, grid), timestep, text=text, skip=skip, count=math.prod(grid)
-    )
+    return Call(functools.partial(fixed_grid, grid), timestep, skip=skip, count=math.prod(grid))
 
 
 def _check_conditioning(timestep: Tensor, skip: int) -> None:
@@ -140,21 +136,24 @@ def _check_conditioning(timestep: Tensor, skip: int) -> None:
     )
 
 
+def latent_grid(where: Args, x: Tensor, frames_dim: int = -3) -> tuple[int, int, int]:
+    """The ``(F / pt, H / p, W / p)`` token grid of latents ``x`` with their frames on
+    ``frames_dim`` and ``(H, W)`` last."""
+    f, h, w = int(x.shape[frames_dim]), int(x.shape[-2]), int(x.shape[-1])
+    return f // where.patch_t, h // where.patch, w // where.patch
+
+
 def wan_call(where: Args, args: tuple, kwargs: dict) -> Call:
-    """A Wan call on latents ``(B, C, F, H, W)``: the ``(F / pt, H / p, W / p)`` token grid."""
+    """A Wan call on latents ``(B, C, F, H, W)``."""
     x = where.get(args, kwargs, "hidden_states")
-    f, h, w = (int(v) for v in x.shape[-3:])
-    grid = (f // where.patch_t, h // where.patch, w // where.patch)
-    return video_call(grid, where.get(args, kwargs, "timestep"))
+    return video_call(latent_grid(where, x), where.get(args, kwargs, "timestep"))
 
 
 def cogvideox_call(where: Args, args: tuple, kwargs: dict) -> Call:
-    """A CogVideoX call on latents ``(B, F, C, H, W)`` (frames before channels): the
-    ``(F / pt, H / p, W / p)`` token grid (CogVideoX 1.5: ``pt = 2``)."""
+    """A CogVideoX call on latents ``(B, F, C, H, W)`` (frames before channels; CogVideoX 1.5:
+    ``pt = 2``)."""
     x = where.get(args, kwargs, "hidden_states")
-    f, h, w = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])
-    grid = (f // where.patch_t, h // where.patch, w // where.patch)
-    return video_call(grid, where.get(args, kwargs, "timestep"))
+    return video_call(latent_grid(where, x, 1), where.get(args, kwargs, "timestep"))
 
 
 def ltx_call(where: Args, args: tuple, kwargs: dict) -> Call:
@@ -171,14 +170,12 @@ def ltx_call(where: Args, args: tuple, kwargs: dict) -> Call:
 
 
 def hunyuan_call(where: Args, args: tuple, kwargs: dict) -> Call:
-    """A HunyuanVideo call on latents ``(B, C, F, H, W)``: the ``(F / pt, H / p, W / p)`` token
-    grid; with ``image_condition_type="token_replace"`` (HunyuanVideo-I2V) the first frame is
-    the conditioning image."""
+    """A HunyuanVideo call on latents ``(B, C, F, H, W)``; with
+    ``image_condition_type="token_replace"`` (HunyuanVideo-I2V) the first frame is the
+    conditioning image."""
     x = where.get(args, kwargs, "hidden_states")
-    f, h, w = (int(v) for v in x.shape[-3:])
-    grid = (f // where.patch_t, h // where.patch, w // where.patch)
     replace = getattr(where.config, "image_condition_type", None) == "token_replace"
-    return video_call(grid, where.get(args, kwargs, "timestep"), first_frame=replace)
+    return video_call(latent_grid(where, x), where.get(args, kwargs, "timestep"), replace)
 
 
 MODELS = {
