@@ -506,3 +506,21 @@ def test_kv_keeps_merging_cross_attention_queries(kind):
         atc_patch.apply_patch(model, "atc", ratio=0.5, merge="kv", merge_crossattn=cross)
         outs.append(run(model, inputs))
     assert not torch.equal(*outs)
+
+
+@pytest.mark.parametrize("kind", [*VIDEO, "tiny-hunyuanvideo-i2v"])
+@pytest.mark.parametrize("method", ["atc", "tome_sd"])
+def test_gradient_checkpointing_gives_the_same_gradients(kind, method):
+    """diffusers' checkpointed blocks recompute within the call they belong to (same grid,
+    same conditioning frame, same tome_sd draws): gradients bit-identical to without."""
+    grads = []
+    for checkpointing in (False, True):
+        model = model_of(kind).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        atc_patch.apply_patch(model, method, ratio=0.5, merge_mlp=True)
+        inputs = inputs_of(model, i2v=kind in PER_TOKEN_TIMESTEP)
+        model(**inputs).sample.square().mean().backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
