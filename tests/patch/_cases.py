@@ -35,6 +35,33 @@ class Case:
         return {**base, **self.extra.get(method, {})}
 
 
+def _counts_from_r(n: int, rs: list[int]) -> list[int]:
+    """Token counts after each block when block ``i`` removes ``rs[i]`` of ``n`` tokens."""
+    out = []
+    for r in rs:
+        n -= r
+        out.append(n)
+    return out
+
+
+# Token counts per block of a ViT with 64 patches + 1 class token and 4 blocks, per schedule
+# (every ViT family must give the same): (options, counts), ids in SCHEDULE_IDS.
+SCHEDULES = [
+    ({"method": "atc", "r": 5}, _counts_from_r(65, [5, 5, 5, 5])),
+    ({"method": "atc", "linkage": "single", "r": [0, 10, 0, 20]}, [65, 55, 55, 35]),
+    (  # ToMe's decreasing schedule: linear from 2r to 0
+        {"method": "kmedoids", "r": 4, "r_schedule": "decrease"},
+        _counts_from_r(65, [int(8 - i * 8 / 3) for i in range(4)]),
+    ),
+    (
+        {"method": "dpcknn", "keep_rate": 0.7, "reduction_loc": (1, 3)},
+        [65, 1 + int(64 * 0.7), 1 + int(64 * 0.7), 1 + int(64 * 0.7**2)],
+    ),
+    ({"method": "tome", "r": 12}, [53, 41, 29, 17]),  # at most (N - 1) // 2 per block
+]
+SCHEDULE_IDS = ["atc-constant", "atc-list", "kmedoids-decrease", "dpcknn-keep_rate", "tome"]
+
+
 def _images(size: int = 32, batch: int = 2, device: str = "cpu") -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
 

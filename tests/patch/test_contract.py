@@ -235,6 +235,27 @@ def test_fullgraph_compile_matches_eager(row):
     torch.testing.assert_close(case.run(compiled), eager, rtol=1e-5, atol=1e-5)
 
 
+# Inductor on a sample of the table: one row per method, families spread over the rows.
+INDUCTOR_SAMPLE = (
+    "torchvision-tome",
+    "transformers-vit-kmedoids",
+    "transformers-dinov3-atc",
+    "tiny-flux-dpcknn",
+    "tiny-sd3-tome_sd",
+)
+
+
+@pytest.mark.parametrize("row", [r for r in TABLE if table_id(r) in INDUCTOR_SAMPLE], ids=table_id)
+@torch.no_grad()
+def test_inductor_compile_matches_eager_on_a_sample(row):
+    case, method = row
+    model = _patched(case, method)
+    eager = case.run(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(case.run(compiled), eager, rtol=1e-4, atol=1e-4)
+
+
 @torch.no_grad()
 def test_meta_forward_gives_the_shapes(row):
     case, method = row

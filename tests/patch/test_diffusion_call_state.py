@@ -117,10 +117,28 @@ _SYNCS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_selec
 
 
 class CountSyncs(TorchDispatchMode):
+    """Records the host-synchronising ops run while active (not while ``paused``)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
         self.paused = False
+
+    @classmethod
+    def outside_the_kernel(cls, monkeypatch) -> CountSyncs:
+        """A counter paused inside the diffusion core's ``cluster_tokens`` calls (the kernel's
+        own syncs are the kernel's business)."""
+        mode, kernel = cls(), core.cluster_tokens
+
+        def paused(*args, **kwargs):
+            mode.paused = True
+            try:
+                return kernel(*args, **kwargs)
+            finally:
+                mode.paused = False
+
+        monkeypatch.setattr(core, "cluster_tokens", paused)
+        return mode
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused and func.overloadpacket.__name__ in _SYNCS:
@@ -133,17 +151,7 @@ class CountSyncs(TorchDispatchMode):
 def test_a_patched_step_reads_no_tensor_value_on_the_host(kind, method, monkeypatch):
     model = model_of(kind)
     inputs = inputs_of(model, kind)
-    mode = CountSyncs()
-    kernel = core.cluster_tokens
-
-    def counted_kernel(*args, **kwargs):  # the kernel's own syncs are the kernel's business
-        mode.paused = True
-        try:
-            return kernel(*args, **kwargs)
-        finally:
-            mode.paused = False
-
-    monkeypatch.setattr(core, "cluster_tokens", counted_kernel)
+    mode = CountSyncs.outside_the_kernel(monkeypatch)
     atc_patch.apply_patch(model, method, ratio=0.5, merge_mlp=True)
     ref = run(model, inputs)  # Flux: img_ids' grid is read here, once per img_ids tensor
     with mode:

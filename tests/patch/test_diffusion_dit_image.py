@@ -447,17 +447,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, method):
 def test_a_patched_step_reads_no_tensor_value_on_the_host(kind, method, monkeypatch):
     model = model_of(kind)
     inputs = inputs_of(model)
-    mode = CountSyncs()
-    kernel = core.cluster_tokens
-
-    def counted_kernel(*args, **kwargs):  # the kernel's own syncs are the kernel's business
-        mode.paused = True
-        try:
-            return kernel(*args, **kwargs)
-        finally:
-            mode.paused = False
-
-    monkeypatch.setattr(core, "cluster_tokens", counted_kernel)
+    mode = CountSyncs.outside_the_kernel(monkeypatch)
     atc_patch.apply_patch(model, method, ratio=0.5)
     run(model, inputs)  # FLUX.2 and Chroma: img_ids are read here, once per tensor
     with mode:

@@ -427,17 +427,7 @@ def test_kv_with_zero_ratio_and_remove_are_bit_identical():
 def test_a_step_with_the_gpu_options_reads_no_tensor_value_on_the_host(kind, method, monkeypatch):
     model = model_of(kind)
     inputs = inputs_of(model, kind)
-    mode = CountSyncs()
-    kernel = core.cluster_tokens
-
-    def paused(*args, **kwargs):  # the kernel's own syncs are the kernel's business
-        mode.paused = True
-        try:
-            return kernel(*args, **kwargs)
-        finally:
-            mode.paused = False
-
-    monkeypatch.setattr(core, "cluster_tokens", paused)
+    mode = CountSyncs.outside_the_kernel(monkeypatch)
     tile = {} if method == "tome_sd" else {"tile": (4, 4)}
     atc_patch.apply_patch(model, method, ratio=0.5, **tile, **ALL_ON)
     run(model, inputs)  # Flux: img_ids' grid is read here, once per img_ids tensor

@@ -17,6 +17,8 @@ from _tome_reference import timm_vit_forward
 import atc_patch
 from atc_patch.patch.vit import last_source, merge_attn_mask
 
+from ._cases import SCHEDULE_IDS, SCHEDULES
+
 # name -> (timm model, overrides); 32 px images with 8 px patches: 16 patches.
 MODELS = {
     "vit": ("vit_tiny_patch16_224", {}),
@@ -108,38 +110,7 @@ def test_settings_read_back():
 # --- schedules ---------------------------------------------------------------------------------
 
 
-def _decrease(r: int, blocks: int) -> list[int]:
-    """ToMe's parse_r(blocks, (r, -1)): linear from 2r to 0."""
-    return [int(2 * r + i * (0 - 2 * r) / (blocks - 1)) for i in range(blocks)]
-
-
-def _counts_from_r(n: int, rs: list[int]) -> list[int]:
-    out = []
-    for r in rs:
-        n -= r
-        out.append(n)
-    return out
-
-
-# 64 patches (64 px, 8 px patches) + 1 class token, 4 blocks.
-@pytest.mark.parametrize(
-    "options, expected",
-    [
-        ({"method": "atc", "r": 5}, _counts_from_r(65, [5, 5, 5, 5])),
-        ({"method": "atc", "linkage": "single", "r": [0, 10, 0, 20]}, [65, 55, 55, 35]),
-        (
-            {"method": "kmedoids", "r": 4, "r_schedule": "decrease"},
-            _counts_from_r(65, _decrease(4, 4)),
-        ),
-        (
-            {"method": "dpcknn", "keep_rate": 0.7, "reduction_loc": (1, 3)},
-            [65, 1 + int(64 * 0.7), 1 + int(64 * 0.7), 1 + int(64 * 0.7**2)],
-        ),
-        # ToMe removes at most half of the unprotected tokens per block: (N - 1) // 2.
-        ({"method": "tome", "r": 12}, [53, 41, 29, 17]),
-    ],
-    ids=["atc-constant", "atc-list", "kmedoids-decrease", "dpcknn-keep_rate", "tome"],
-)
+@pytest.mark.parametrize("options, expected", SCHEDULES, ids=SCHEDULE_IDS)
 def test_token_counts_follow_schedule(options, expected):
     model = make(depth=4, img=64)
     atc_patch.apply_patch(model, **options)

@@ -22,6 +22,8 @@ import atc_patch
 from atc_patch.patch.vit import last_source
 from atc_patch.patch.vit.transformers import root_of
 
+from ._cases import SCHEDULE_IDS, SCHEDULES
+
 SMALL = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "patch_size": 8}
 
 
@@ -166,32 +168,7 @@ def test_settings_read_back():
 # --- schedules, protected tokens ----------------------------------------------------------------
 
 
-def _counts_from_r(n: int, rs: list[int]) -> list[int]:
-    out = []
-    for r in rs:
-        n -= r
-        out.append(n)
-    return out
-
-
-# 64 patches (64 px, 8 px patches) + 1 class token, 4 layers.
-@pytest.mark.parametrize(
-    "options, expected",
-    [
-        ({"method": "atc", "r": 5}, _counts_from_r(65, [5, 5, 5, 5])),
-        ({"method": "atc", "linkage": "single", "r": [0, 10, 0, 20]}, [65, 55, 55, 35]),
-        (
-            {"method": "kmedoids", "r": 4, "r_schedule": "decrease"},
-            _counts_from_r(65, [int(8 - i * 8 / 3) for i in range(4)]),
-        ),
-        (
-            {"method": "dpcknn", "keep_rate": 0.7, "reduction_loc": (1, 3)},
-            [65, 1 + int(64 * 0.7), 1 + int(64 * 0.7), 1 + int(64 * 0.7**2)],
-        ),
-        ({"method": "tome", "r": 12}, [53, 41, 29, 17]),  # at most (N - 1) // 2 per layer
-    ],
-    ids=["atc-constant", "atc-list", "kmedoids-decrease", "dpcknn-keep_rate", "tome"],
-)
+@pytest.mark.parametrize("options, expected", SCHEDULES, ids=SCHEDULE_IDS)
 def test_token_counts_follow_schedule(options, expected):
     model = make("vit", layers=4, img=64)
     atc_patch.apply_patch(model, **options)
