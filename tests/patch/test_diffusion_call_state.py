@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import atc_patch
 from atc_patch.kernel import max_reduction
 from atc_patch.kernel.plan import MergePlan
-from atc_patch.patch.diffusion import core
+from atc_patch.patch.diffusion import core, draws
 from atc_patch.patch.diffusion.unet import transformer_blocks
 from atc_patch.testing import build_transformer, build_unet, transformer_inputs, unet_inputs
 
@@ -88,14 +88,14 @@ def test_tome_sd_draws_follow_seed_timestep_and_generator(kind):
 def test_picks_are_uniform_and_differ_per_block_and_call():
     cfg = atc_patch.DiffusionConfig(method="tome_sd", seed=5)
     call = core.Call(None, torch.tensor(500.0))
-    a = core.picks(call, cfg, 0, (64, 64), torch.device("cpu"))
+    a = draws.picks(call, cfg, 0, (64, 64), torch.device("cpu"))
     assert a.shape == (64, 64) and a.dtype == torch.long
     counts = torch.bincount(a.flatten(), minlength=4)
     assert ((counts - 1024).abs() < 4 * 32).all(), counts  # 4 sigma of a fair draw
-    assert torch.equal(a, core.picks(call, cfg, 0, (64, 64), torch.device("cpu")))
-    assert (a != core.picks(call, cfg, 1, (64, 64), torch.device("cpu"))).float().mean() > 0.6
+    assert torch.equal(a, draws.picks(call, cfg, 0, (64, 64), torch.device("cpu")))
+    assert (a != draws.picks(call, cfg, 1, (64, 64), torch.device("cpu"))).float().mean() > 0.6
     other = core.Call(None, torch.tensor(499.0))
-    assert (a != core.picks(other, cfg, 0, (64, 64), torch.device("cpu"))).float().mean() > 0.6
+    assert (a != draws.picks(other, cfg, 0, (64, 64), torch.device("cpu"))).float().mean() > 0.6
 
 
 def test_deepcopy_does_not_share_the_user_generator():
