@@ -472,10 +472,16 @@ CURRENT_ROWS: tuple[Row, ...] = (
     Row("atc", "atc", HALF),
     Row("tome_sd +mlp", "tome_sd", {**HALF, "seed": 0, **_MLP}),
     Row("atc +mlp", "atc", {**HALF, **_MLP}),
+    Row("tome_sd, per resolution, reuse 4", "tome_sd", SAME),  # issue 21's recommended setting
+    Row("atc 16x16, per resolution, reuse 4", "atc", GPU),
+    Row("tome_sd, per resolution, reuse 4, mlp", "tome_sd", {**SAME, **_MLP}),
+    Row("atc 16x16, per resolution, reuse 4, mlp", "atc", {**GPU, **_MLP}),
 )
+RECOMMENDED["dit"] = RECOMMENDED["flux"]
 SANA_ROWS: tuple[Row, ...] = CURRENT_ROWS[:3] + (  # a conv MLP: its cross-attention instead
     Row("tome_sd +cross", "tome_sd", {**HALF, "seed": 0, "merge_crossattn": True}),
     Row("atc +cross", "atc", {**HALF, "merge_crossattn": True}),
+    *CURRENT_ROWS[5:7],
 )
 
 
