@@ -327,6 +327,9 @@ _DIFFUSION = dict(
     other={"ratio": 0.25, "merge_mlp": True},
 )
 
+# Models with cross-attention to text (Wan, LTX-Video): its queries merge in the "other" row.
+_CROSS = {**_DIFFUSION, "other": {**_DIFFUSION["other"], "merge_crossattn": True}}
+
 # Issue 21's options on top (tiles where the method takes them): the same contract holds.
 _GPU = {"plan_scope": "resolution", "reuse_steps": 2, "merge": "kv"}
 _DIFFUSION_GPU = dict(
@@ -500,10 +503,7 @@ CASES = [
         _run_dit,
         holder=lambda t: _pipeline_holding(t, "tiny-wan"),
         bad_at_apply={"blocks": (0, 99)},
-        methods=DIFFUSION_METHODS,
-        reduce={"ratio": 0.5},
-        zero={"ratio": 0.0},
-        other={"ratio": 0.25, "merge_mlp": True, "merge_crossattn": True},
+        **_CROSS,
     ),  # fmt: skip
     Case(
         "tiny-cogvideox",
@@ -521,10 +521,7 @@ CASES = [
         _run_dit,
         holder=lambda t: _pipeline_holding(t, "tiny-ltx"),
         bad_at_apply={"blocks": (0, 99)},
-        methods=DIFFUSION_METHODS,
-        reduce={"ratio": 0.5},
-        zero={"ratio": 0.0},
-        other={"ratio": 0.25, "merge_mlp": True, "merge_crossattn": True},
+        **_CROSS,
     ),  # fmt: skip
     Case(
         "tiny-ltx-i2v",

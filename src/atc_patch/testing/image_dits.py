@@ -119,10 +119,18 @@ KINDS = tuple(f"tiny-{n}" for n in CLASSES) + tuple(f"{n}-width" for n in CLASSE
 
 def config(kind: str) -> tuple[str, dict[str, Any]] | None:
     """``(class name, keyword arguments)`` for ``kind`` (one of :data:`KINDS`), else ``None``."""
-    if kind.startswith("tiny-") and kind[5:] in TINY:
-        return CLASSES[kind[5:]], dict(TINY[kind[5:]])
-    if kind.endswith("-width") and kind[:-6] in WIDTH:
-        return CLASSES[kind[:-6]], dict(WIDTH[kind[:-6]])
+    return lookup(kind, CLASSES, TINY, WIDTH)
+
+
+def lookup(
+    kind: str, classes: dict[str, str], tiny: dict[str, dict], width: dict[str, dict]
+) -> tuple[str, dict[str, Any]] | None:
+    """``"tiny-<name>"`` -> ``(classes[name], tiny[name])``, ``"<name>-width"`` ->
+    ``(classes[name], width[name])`` (a copy of the keyword arguments), else ``None``."""
+    if kind.startswith("tiny-") and kind[5:] in tiny:
+        return classes[kind[5:]], dict(tiny[kind[5:]])
+    if kind.endswith("-width") and kind[:-6] in width:
+        return classes[kind[:-6]], dict(width[kind[:-6]])
     return None
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .image_dits import lookup
+
 SOURCES = {
     "wan": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "cogvideox": "THUDM/CogVideoX-5b",
@@ -91,11 +93,7 @@ KINDS = tuple(f"tiny-{n}" for n in TINY) + tuple(f"{n}-width" for n in WIDTH)
 
 def config(kind: str) -> tuple[str, dict[str, Any]] | None:
     """``(class name, keyword arguments)`` for ``kind`` (one of :data:`KINDS`), else ``None``."""
-    if kind.startswith("tiny-") and kind[5:] in TINY:
-        return CLASSES[kind[5:]], dict(TINY[kind[5:]])
-    if kind.endswith("-width") and kind[:-6] in WIDTH:
-        return CLASSES[kind[:-6]], dict(WIDTH[kind[:-6]])
-    return None
+    return lookup(kind, CLASSES, TINY, WIDTH)
 
 
 Randn = Callable[..., torch.Tensor]
