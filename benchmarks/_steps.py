@@ -478,10 +478,13 @@ CURRENT_ROWS: tuple[Row, ...] = (
     Row("atc 16x16, per resolution, reuse 4, mlp", "atc", {**GPU, **_MLP}),
 )
 RECOMMENDED["dit"] = RECOMMENDED["flux"]
-SANA_ROWS: tuple[Row, ...] = CURRENT_ROWS[:3] + (  # a conv MLP: its cross-attention instead
-    Row("tome_sd +cross", "tome_sd", {**HALF, "seed": 0, "merge_crossattn": True}),
-    Row("atc +cross", "atc", {**HALF, "merge_crossattn": True}),
-    *CURRENT_ROWS[5:7],
+SANA_ROWS: tuple[Row, ...] = (
+    CURRENT_ROWS[:3]
+    + (  # a conv MLP: its cross-attention instead
+        Row("tome_sd +cross", "tome_sd", {**HALF, "seed": 0, "merge_crossattn": True}),
+        Row("atc +cross", "atc", {**HALF, "merge_crossattn": True}),
+        *CURRENT_ROWS[5:7],
+    )
 )
 
 
