@@ -8,6 +8,7 @@ which reduce none, per method.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,6 +359,20 @@ _VIDEO_GPU = dict(
 )
 
 
+def _video(
+    name: str, options: dict[str, Any], kind: str | None = None, run: Callable[..., Any] = _run_dit
+) -> Case:
+    """A video transformer's row: the tiny model ``kind`` (default ``name``), held by its
+    pipeline when ``name`` is a pipeline kind (an image-to-video run has its own row)."""
+    holder = None
+    if name in PIPELINES:
+        holder = functools.partial(_pipeline_holding, kind=name)
+    return Case(
+        name, "dit", _dit(kind or name), run, holder=holder, bad_at_apply={"blocks": (0, 99)},
+        **options,
+    )  # fmt: skip
+
+
 CASES = [
     Case(
         "timm",
@@ -496,69 +511,14 @@ CASES = [
         bad_at_apply={"blocks": (0, 99)},
         **_DIFFUSION_GPU,
     ),  # fmt: skip
-    Case(
-        "tiny-wan",
-        "dit",
-        _dit("tiny-wan"),
-        _run_dit,
-        holder=lambda t: _pipeline_holding(t, "tiny-wan"),
-        bad_at_apply={"blocks": (0, 99)},
-        **_CROSS,
-    ),  # fmt: skip
-    Case(
-        "tiny-cogvideox",
-        "dit",
-        _dit("tiny-cogvideox"),
-        _run_dit,
-        holder=lambda t: _pipeline_holding(t, "tiny-cogvideox"),
-        bad_at_apply={"blocks": (0, 99)},
-        **_DIFFUSION,
-    ),  # fmt: skip
-    Case(
-        "tiny-ltx",
-        "dit",
-        _dit("tiny-ltx"),
-        _run_dit,
-        holder=lambda t: _pipeline_holding(t, "tiny-ltx"),
-        bad_at_apply={"blocks": (0, 99)},
-        **_CROSS,
-    ),  # fmt: skip
-    Case(
-        "tiny-ltx-i2v",
-        "dit",
-        _dit("tiny-ltx"),
-        _run_video_i2v,
-        bad_at_apply={"blocks": (0, 99)},
-        **_DIFFUSION,
-    ),  # fmt: skip
-    *(
-        Case(
-            kind,
-            "dit",
-            _dit(kind),
-            _run_dit,
-            holder=lambda t, k=kind: _pipeline_holding(t, k),
-            bad_at_apply={"blocks": (0, 99)},
-            **_DIFFUSION,
-        )  # fmt: skip
-        for kind in ("tiny-hunyuanvideo", "tiny-hunyuanvideo-i2v")
-    ),
-    Case(
-        "tiny-wan-ti2v",
-        "dit",
-        _dit("tiny-wan"),
-        _run_video_i2v,
-        bad_at_apply={"blocks": (0, 99)},
-        **_DIFFUSION,
-    ),  # fmt: skip
-    Case(
-        "tiny-wan-gpu-options",
-        "dit",
-        _dit("tiny-wan"),
-        _run_dit,
-        bad_at_apply={"blocks": (0, 99)},
-        **_VIDEO_GPU,
-    ),  # fmt: skip
+    _video("tiny-wan", _CROSS),
+    _video("tiny-cogvideox", _DIFFUSION),
+    _video("tiny-ltx", _CROSS),
+    _video("tiny-ltx-i2v", _DIFFUSION, "tiny-ltx", _run_video_i2v),
+    _video("tiny-hunyuanvideo", _DIFFUSION),
+    _video("tiny-hunyuanvideo-i2v", _DIFFUSION),
+    _video("tiny-wan-ti2v", _DIFFUSION, "tiny-wan", _run_video_i2v),
+    _video("tiny-wan-gpu-options", _VIDEO_GPU, "tiny-wan"),
     Case(
         "vit-adapter",
         "vit_adapter",

@@ -18,22 +18,14 @@ from atc_patch.kernel import max_reduction
 from atc_patch.kernel.plan import MergePlan
 from atc_patch.patch.diffusion import core, draws
 from atc_patch.patch.diffusion.unet import transformer_blocks
-from atc_patch.testing import build_transformer, build_unet, transformer_inputs, unet_inputs
+from atc_patch.testing import transformer_inputs, unet_inputs
+
+from ._models import model_of
 
 METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
 DITS = ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def model_of(kind: str) -> torch.nn.Module:
-    if kind not in _CACHE:
-        _CACHE[kind] = (
-            build_unet(kind) if kind.endswith(("-sd", "-sdxl")) else build_transformer(kind)
-        )
-    return copy.deepcopy(_CACHE[kind])
 
 
 def inputs_of(model, kind: str, batch: int = 2, h: int = 16, w: int = 16, **kw) -> dict:

@@ -7,15 +7,15 @@ dtypes, CFG batches, pipelines, diffusers' caching hooks, the example and the be
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import atc_patch
 from atc_patch.kernel import cluster_tokens
 from atc_patch.patch.diffusion.dit import transformer_blocks
-from atc_patch.testing import build_transformer, transformer_inputs
+from atc_patch.testing import transformer_inputs
+
+from ._models import model_of
 
 KINDS = ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit")
 METHODS = [
@@ -29,15 +29,6 @@ METHODS = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def model_of(kind: str) -> torch.nn.Module:
-    """A fresh copy of a cached tiny transformer."""
-    if kind not in _CACHE:
-        _CACHE[kind] = build_transformer(kind)
-    return copy.deepcopy(_CACHE[kind])
 
 
 def inputs_of(model, kind: str, batch: int = 2, h: int = 6, w: int = 4, **kw):

@@ -11,7 +11,6 @@ reads, and a pipeline run (Chroma, whose pipeline always passes a mask).
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from atc_patch.patch.diffusion import core
 from atc_patch.patch.diffusion.dit import transformer_blocks
 from atc_patch.testing import build_transformer, transformer_inputs
 
+from ._models import model_of
 from .test_diffusion_call_state import CountSyncs
 
 KINDS = (
@@ -36,15 +36,6 @@ KINDS = (
 METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def model_of(kind: str) -> torch.nn.Module:
-    """A fresh copy of a cached tiny transformer."""
-    if kind not in _CACHE:
-        _CACHE[kind] = build_transformer(kind)
-    return copy.deepcopy(_CACHE[kind])
 
 
 def inputs_of(model, batch: int = 2, h: int = 6, w: int = 4, **kw) -> dict:

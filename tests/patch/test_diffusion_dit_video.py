@@ -10,7 +10,6 @@ holding two transformers (Wan 2.2 A14B).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import pytest
@@ -27,18 +26,12 @@ from atc_patch.patch.diffusion import core
 from atc_patch.patch.diffusion.dit import transformer_blocks
 from atc_patch.testing import build_transformer, transformer_inputs
 
+from ._models import model_of
 from .test_diffusion_dit_image import recording, sdpa_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VIDEO = ("tiny-wan", "tiny-cogvideox", "tiny-ltx", "tiny-hunyuanvideo")
-_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def model_of(kind: str) -> torch.nn.Module:
-    if kind not in _CACHE:
-        _CACHE[kind] = build_transformer(kind)
-    return copy.deepcopy(_CACHE[kind])
 
 
 def inputs_of(model, frames: int = 3, h: int = 4, w: int = 6, **kw) -> dict:

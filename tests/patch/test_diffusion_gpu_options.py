@@ -22,22 +22,15 @@ import atc_patch
 from atc_patch.kernel import max_reduction
 from atc_patch.kernel.plan import MergePlan
 from atc_patch.patch.diffusion import core, kv
-from atc_patch.testing import build_transformer, build_unet, transformer_inputs, unet_inputs
+from atc_patch.testing import transformer_inputs, unet_inputs
 
+from ._models import model_of
 from .test_diffusion_call_state import CountSyncs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("atc", "tome_sd", "tome", "kmedoids", "dpcknn")
 ALL_ON = {"plan_scope": "resolution", "reuse_steps": 2, "merge": "kv", "merge_mlp": True}
-_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def model_of(kind: str) -> torch.nn.Module:
-    if kind not in _CACHE:
-        unet = kind in ("tiny-sd", "tiny-sdxl")
-        _CACHE[kind] = build_unet(kind) if unet else build_transformer(kind)
-    return copy.deepcopy(_CACHE[kind])
 
 
 def inputs_of(model, kind: str, batch: int = 2, h: int = 16, w: int = 16, **kw) -> dict:

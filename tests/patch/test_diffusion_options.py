@@ -4,7 +4,6 @@ cannot reduce raises."""
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 
@@ -14,17 +13,11 @@ import torch
 
 import atc_patch
 from atc_patch.patch.diffusion import core
-from atc_patch.testing import build_transformer, build_unet, transformer_inputs, unet_inputs
+from atc_patch.testing import transformer_inputs, unet_inputs
+
+from ._models import model_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def model_of(kind: str) -> torch.nn.Module:
-    if kind not in _CACHE:
-        _CACHE[kind] = build_unet(kind) if kind == "tiny-sd" else build_transformer(kind)
-    return copy.deepcopy(_CACHE[kind])
 
 
 def inputs_of(model, kind: str, h: int, w: int) -> dict:

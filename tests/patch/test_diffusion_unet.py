@@ -16,18 +16,15 @@ import torch
 
 import atc_patch
 from atc_patch.patch.diffusion.unet import transformer_blocks
-from atc_patch.testing import build_tiny_pipeline, build_unet, unet_inputs
+from atc_patch.testing import build_tiny_pipeline, unet_inputs
+
+from ._models import model_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_CACHE: dict[str, torch.nn.Module] = {}
-
 
 def unet_of(kind: str = "tiny-sd") -> torch.nn.Module:
-    """A fresh copy of a cached tiny UNet (building one is the slow part)."""
-    if kind not in _CACHE:
-        _CACHE[kind] = build_unet(kind)
-    return copy.deepcopy(_CACHE[kind])
+    return model_of(kind)
 
 
 @torch.no_grad()
